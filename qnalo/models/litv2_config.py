@@ -1,0 +1,71 @@
+"""LITv2 hyper-parameters and the named variants (ziplab/LITv2 configs/litv2-*.yaml)."""
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LITv2Config:
+    embed_dim: int = 96
+    depths: tuple = (2, 2, 6, 2)
+    num_heads: tuple = (3, 6, 12, 24)
+    window_sizes: tuple = (0, 0, 2, 1)   # LOCAL_WS; 0 = ConvFFN-only stage (no attention), 1 = global MSA
+    alpha: float = 0.9                   # share of Lo-Fi heads; the split truncates: int(heads * alpha)
+    lo_heads: tuple = None               # Lo-Fi heads per stage; None = derived from alpha like the official code
+    mlp_ratio: int = 4
+    num_classes: int = 1000              # 0 = backbone without final norm and head (dense checkpoints)
+    img_size: int = 224                  # official evaluation resolution (any H, W runs; see README)
+    out_norms: tuple = ()                # stages whose forward_features output has its own LayerNorm (dense ckpts)
+
+    def __post_init__(self):
+        for name in ("depths", "num_heads", "window_sizes", "out_norms"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.lo_heads is None:
+            object.__setattr__(self, "lo_heads", tuple(self._official_lo_heads(i) for i in range(4)))
+        else:
+            object.__setattr__(self, "lo_heads", tuple(int(v) for v in self.lo_heads))
+        for i in range(4):
+            if self.window_sizes[i] and self.stage_dim(i) % self.num_heads[i]:
+                raise ValueError(f"stage {i}: dim {self.stage_dim(i)} is not divisible by {self.num_heads[i]} heads")
+            if not 0 <= self.lo_heads[i] <= self.num_heads[i]:
+                raise ValueError(f"stage {i}: lo_heads {self.lo_heads[i]} outside 0..{self.num_heads[i]}")
+
+    def _official_lo_heads(self, i):
+        ws = self.window_sizes[i]
+        if ws == 0:
+            return 0
+        if ws == 1:  # window size 1: every head is Lo-Fi (plain global MSA), alpha is ignored
+            return self.num_heads[i]
+        return int(self.num_heads[i] * self.alpha)  # float64 product, truncated, as in the official code
+
+    def stage_dim(self, i):
+        return self.embed_dim * 2 ** i
+
+    def hi_heads(self, i):
+        return self.num_heads[i] - self.lo_heads[i] if self.window_sizes[i] else 0
+
+    def head_dim(self, i):
+        return self.stage_dim(i) // self.num_heads[i]
+
+    @property
+    def num_features(self):
+        return self.stage_dim(3)
+
+    def to_dict(self):
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LITv2 config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+LITV2_VARIANTS = {
+    "litv2_s": LITv2Config(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "litv2_m": LITv2Config(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "litv2_b": LITv2Config(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "litv2_b_384": LITv2Config(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), img_size=384),
+}

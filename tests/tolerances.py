@@ -1,0 +1,57 @@
+"""The one table of numerical tolerances, per op and dtype: a check passes where
+|actual - ref| <= atol + rtol * |ref| element-wise. Every loosening says how it was measured."""
+import numpy as np
+
+TOLERANCES = {
+    # (op, dtype): (atol, rtol)
+    # Kernel vs NumPy reference on the same float32 inputs: only summation order differs.
+    ("layernorm", "float32"): (1e-5, 1e-5),
+    ("gelu", "float32"): (2e-6, 2e-6),           # polynomial erf, |err| < 1.2e-7 of erf itself
+    ("dwconv_gelu", "float32"): (1e-5, 1e-5),
+    ("deform_conv", "float32"): (1e-5, 1e-4),
+    ("hilo", "float32"): (1e-5, 1e-4),
+    ("attention", "float32"): (1e-5, 1e-4),
+    # NumPy/Numba engine vs the PyTorch reference, end to end in float32: the issue's bar.
+    ("logits", "float32"): (1e-4, 0.0),          # scaled by max(1, max|logit|) in assert_logits_close
+    ("features", "float32"): (1e-4, 0.0),        # same relative bound, scaled by max(1, max|feature|)
+    # float64 NumPy reference vs float64 PyTorch: only the order of additions differs.
+    ("any", "float64"): (1e-10, 1e-9),
+}
+
+
+def tolerance(op, dtype):
+    dtype = np.dtype(dtype).name
+    return TOLERANCES.get((op, dtype)) or TOLERANCES[("any", dtype)]
+
+
+def assert_close(actual, ref, op, dtype=None, scale=None, what=""):
+    """Compare element-wise; on failure print the max error, where it is, and a few pairs.
+
+    `scale`, when given, multiplies atol (used for the max(1, max|ref|) bound on logits/features)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert actual.shape == ref.shape, f"{what} shape {actual.shape} != reference {ref.shape}"
+    atol, rtol = tolerance(op, dtype if dtype is not None else "float32")
+    if scale is not None:
+        atol = atol * scale
+    err = np.abs(actual - ref)
+    bound = atol + rtol * np.abs(ref)
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bad.any():
+        worst = np.unravel_index(np.nanargmax(np.where(np.isnan(err), np.inf, err)), err.shape)
+        idx = np.argwhere(bad)[:5]
+        pairs = ", ".join(f"{tuple(int(v) for v in i)}: {actual[tuple(i)]:.8g} vs {ref[tuple(i)]:.8g}" for i in idx)
+        raise AssertionError(
+            f"{what or op}: {int(bad.sum())}/{bad.size} elements beyond atol={atol:.3g} rtol={rtol:.3g}; "
+            f"max |err| {err[worst]:.3g} at {tuple(int(v) for v in worst)} "
+            f"({actual[worst]:.8g} vs {ref[worst]:.8g}); first bad: {pairs}")
+
+
+def assert_logits_close(actual, ref, what="logits", op="logits"):
+    """The issue's bar: max |Δ| <= 1e-4 * max(1, max|ref|), and identical top-1 per row."""
+    ref = np.asarray(ref, dtype=np.float64)
+    assert_close(actual, ref, op, "float32", scale=max(1.0, float(np.abs(ref).max(initial=0.0))), what=what)
+    if op == "logits" and ref.ndim == 2 and ref.shape[1] > 1:
+        top_a = np.argmax(actual, axis=1)
+        top_r = np.argmax(ref, axis=1)
+        assert (top_a == top_r).all(), f"{what}: top-1 differs in rows {np.nonzero(top_a != top_r)[0].tolist()}"

@@ -1,0 +1,1 @@
+"""Official checkpoints -> qnalo weights files (installed as qnalo.weights_converter)."""
