@@ -1,2 +1,60 @@
-"""qnalo: CPU inference for LITv2 (HiLo attention) and QnA-ViT, without PyTorch."""
+"""qnalo: CPU inference for LITv2 (HiLo attention) and QnA-ViT, without PyTorch.
+
+    >>> import qnalo
+    >>> qnalo.list_models()
+    ['litv2_b', 'litv2_b_384', 'litv2_m', 'litv2_s']
+    >>> model = qnalo.load("litv2_s.safetensors")        # a file written by `qnalo convert`
+    >>> logits = model(images)                            # float32 NCHW (B, 3, H, W) -> (B, 1000)
+    >>> feats = model.forward_features(images)            # 4 maps (B, C_i, H_i, W_i)
+"""
+import dataclasses
+import warnings
+
+from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError
+from .models import ARCHITECTURES, MODEL_REGISTRY
+from .weights import read_weights
+
 __version__ = "0.1.0"
+__all__ = ["list_models", "create_model", "load", "QnaloError", "InputError", "CheckpointError",
+           "UnsafeCheckpointError"]
+
+
+def list_models():
+    """The registered variant names."""
+    return sorted(MODEL_REGISTRY)
+
+
+def create_model(name, weights=None, backend="numba", **overrides):
+    """Build a registered variant. `weights`: a qnalo weights file (from `qnalo convert`); without it the
+    model gets random weights and a warning. `overrides` replace config fields (e.g. num_classes=10).
+    backend: "numba" (fast kernels) or "numpy" (the plain reference ops)."""
+    if name not in MODEL_REGISTRY:
+        raise InputError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    model_cls, config_cls, config = MODEL_REGISTRY[name]
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(config_cls)}
+    if unknown:
+        raise InputError(f"unknown config fields for {name}: {sorted(unknown)}")
+    config = dataclasses.replace(config, **overrides)
+    if weights is None:
+        warnings.warn(f"qnalo: {name} created with random weights; pass weights= a converted file "
+                      "(see `qnalo convert`) for real predictions", stacklevel=2)
+        from .models.litv2 import random_tensors
+        return model_cls(config, random_tensors(config), backend=backend, source={"variant": name})
+    tensors, architecture, file_config, source = read_weights(weights)
+    if architecture != model_cls.architecture:
+        raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; use qnalo.load(path)")
+    file_config = config_cls.from_dict(file_config)
+    if not overrides:
+        # the file's own config wins for what the weights cannot express (img_size, out_norms, head split)
+        config = file_config
+    return model_cls(config, tensors, backend=backend, source=source)
+
+
+def load(path, backend="numba"):
+    """The model described by a qnalo weights file alone (its config travels in the file's metadata)."""
+    tensors, architecture, config, source = read_weights(path)
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: unknown architecture {architecture!r}; this qnalo knows "
+                              f"{sorted(ARCHITECTURES)}")
+    model_cls, config_cls = ARCHITECTURES[architecture]
+    return model_cls(config_cls.from_dict(config), tensors, backend=backend, source=source)

@@ -1,0 +1,202 @@
+"""HiLo attention branches on channels-last token maps, with the projections' biases folded in.
+
+The engine runs one GEMM over the normalised tokens for [h_qkv | l_q] (no bias) and one for l_kv on the pooled
+map; these kernels add the biases, attend and write each branch's heads into its column range of one output
+buffer [Hi-Fi | Lo-Fi], which the block then projects with one block-diagonal GEMM.
+
+Padding follows the official dense-prediction copy: the normalised map is zero-padded bottom/right to a multiple
+of ws, unmasked. A padded token's projections are therefore exactly the biases (it is a real key and value in
+its Hi-Fi window), and it counts as a zero in the Lo-Fi ws x ws average. Queries at padded positions are dropped.
+The score scale multiplies q.k (not q), as in the official code."""
+import math
+
+import numba as nb
+import numpy as np
+
+from .gelu import FASTMATH
+
+
+def _softmax_ref(s):
+    s = s - s.max(axis=-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def window_avgpool_ref(x, ws):
+    """x (B, H, W, C) -> (B, ceil(H/ws), ceil(W/ws), C): mean over ws x ws blocks of the zero-padded map."""
+    b, h, w, c = x.shape
+    gh, gw = -(-h // ws), -(-w // ws)
+    padded = np.zeros((b, gh * ws, gw * ws, c), dtype=np.float64)
+    padded[:, :h, :w] = x
+    return padded.reshape(b, gh, ws, gw, ws, c).mean(axis=(2, 4)).astype(x.dtype)
+
+
+def hifi_attention_ref(qkv, qkv_bias, ws, heads, head_dim, scale, out):
+    """Window attention in ws x ws windows. qkv (B, H, W, >= 3*heads*hd): columns [0, 3*heads*hd) hold
+    (q|k|v) x head x hd without bias; qkv_bias (3*heads*hd,). Writes out[..., :heads*hd]."""
+    b, h, w, _ = qkv.shape
+    dim = heads * head_dim
+    gh, gw = -(-h // ws), -(-w // ws)
+    padded = np.zeros((b, gh * ws, gw * ws, 3 * dim), dtype=np.float64)
+    padded[:, :h, :w] = qkv[..., :3 * dim]
+    padded += qkv_bias
+    win = padded.reshape(b, gh, ws, gw, ws, 3, heads, head_dim).transpose(5, 0, 1, 3, 6, 2, 4, 7)
+    q, k, v = win.reshape(3, b, gh, gw, heads, ws * ws, head_dim)
+    attn = _softmax_ref((q @ np.swapaxes(k, -1, -2)) * scale)
+    o = (attn @ v).reshape(b, gh, gw, heads, ws, ws, head_dim).transpose(0, 1, 4, 2, 5, 3, 6)
+    out[..., :dim] = o.reshape(b, gh * ws, gw * ws, dim)[:, :h, :w]
+    return out
+
+
+def lofi_attention_ref(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
+    """Every query attends to all M keys. qkv (B, H, W, *): the queries are columns [q_col, q_col + heads*hd)
+    without bias; kv (B, M, 2*heads*hd): (k|v) x head x hd without bias. Writes out[..., out_col:out_col+dim]."""
+    b, h, w, _ = qkv.shape
+    dim = heads * head_dim
+    q = (qkv[..., q_col:q_col + dim].astype(np.float64) + q_bias).reshape(b, h * w, heads, head_dim)
+    kvb = (kv.astype(np.float64) + kv_bias).reshape(b, kv.shape[1], 2, heads, head_dim)
+    q = q.transpose(0, 2, 1, 3)
+    k = kvb[:, :, 0].transpose(0, 2, 1, 3)
+    v = kvb[:, :, 1].transpose(0, 2, 1, 3)
+    attn = _softmax_ref((q @ np.swapaxes(k, -1, -2)) * scale)
+    o = (attn @ v).transpose(0, 2, 1, 3).reshape(b, h, w, dim)
+    out[..., out_col:out_col + dim] = o
+    return out
+
+
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def window_avgpool(x, ws):
+    b, h, w, c = x.shape
+    gh = (h + ws - 1) // ws
+    gw = (w + ws - 1) // ws
+    pooled = np.zeros((b, gh, gw, c), dtype=x.dtype)
+    inv = np.float32(1.0 / (ws * ws))
+    for row in nb.prange(b * gh):
+        n = row // gh
+        gy = row % gh
+        for gx in range(gw):
+            dst = pooled[n, gy, gx]
+            for y in range(gy * ws, min(gy * ws + ws, h)):
+                for x_ in range(gx * ws, min(gx * ws + ws, w)):
+                    src = x[n, y, x_]
+                    for j in range(c):
+                        dst[j] += src[j]
+            for j in range(c):
+                dst[j] *= inv
+    return pooled
+
+
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
+    b, h, w, _ = qkv.shape
+    dim = heads * head_dim
+    gh = (h + ws - 1) // ws
+    gw = (w + ws - 1) // ws
+    seq = ws * ws
+    scale32 = np.float32(scale)
+    for task in nb.prange(b * gh * gw):
+        n = task // (gh * gw)
+        gy = (task // gw) % gh
+        gx = task % gw
+        q = np.empty((seq, head_dim), dtype=np.float32)
+        k = np.empty((seq, head_dim), dtype=np.float32)
+        v = np.empty((seq, head_dim), dtype=np.float32)
+        p = np.empty(seq, dtype=np.float32)
+        o = np.empty(head_dim, dtype=np.float32)
+        for hd in range(heads):
+            qo = hd * head_dim
+            ko = dim + qo
+            vo = 2 * dim + qo
+            for t in range(seq):
+                y = gy * ws + t // ws
+                x = gx * ws + t % ws
+                if y < h and x < w:
+                    src = qkv[n, y, x]
+                    for d in range(head_dim):
+                        q[t, d] = src[qo + d] + qkv_bias[qo + d]
+                        k[t, d] = src[ko + d] + qkv_bias[ko + d]
+                        v[t, d] = src[vo + d] + qkv_bias[vo + d]
+                else:  # padded token: zero input, so its projections are the biases
+                    for d in range(head_dim):
+                        q[t, d] = qkv_bias[qo + d]
+                        k[t, d] = qkv_bias[ko + d]
+                        v[t, d] = qkv_bias[vo + d]
+            for t in range(seq):
+                y = gy * ws + t // ws
+                x = gx * ws + t % ws
+                if y >= h or x >= w:
+                    continue
+                m = -np.inf
+                for s in range(seq):
+                    acc = np.float32(0.0)
+                    for d in range(head_dim):
+                        acc += q[t, d] * k[s, d]
+                    p[s] = acc * scale32
+                    m = max(m, p[s])
+                tot = np.float32(0.0)
+                for s in range(seq):
+                    p[s] = math.exp(p[s] - m)
+                    tot += p[s]
+                for d in range(head_dim):
+                    o[d] = 0.0
+                for s in range(seq):
+                    ps = p[s] / tot
+                    for d in range(head_dim):
+                        o[d] += ps * v[s, d]
+                dst = out[n, y, x]
+                for d in range(head_dim):
+                    dst[qo + d] = o[d]
+    return out
+
+
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
+    b, h, w, _ = qkv.shape
+    nq = h * w
+    m_keys = kv.shape[1]
+    dim = heads * head_dim
+    scale32 = np.float32(scale)
+    chunk = 16
+    nchunks = (nq + chunk - 1) // chunk
+    q2 = qkv.reshape(b, nq, qkv.shape[3])
+    o2 = out.reshape(b, nq, out.shape[3])
+    for task in nb.prange(b * heads * nchunks):
+        n = task // (heads * nchunks)
+        hd = (task // nchunks) % heads
+        c0 = (task % nchunks) * chunk
+        ko = hd * head_dim
+        vo = dim + ko
+        # this head's keys and values with their biases, contiguous per key
+        k = np.empty((m_keys, head_dim), dtype=np.float32)
+        v = np.empty((m_keys, head_dim), dtype=np.float32)
+        for s in range(m_keys):
+            for d in range(head_dim):
+                k[s, d] = kv[n, s, ko + d] + kv_bias[ko + d]
+                v[s, d] = kv[n, s, vo + d] + kv_bias[vo + d]
+        q = np.empty(head_dim, dtype=np.float32)
+        p = np.empty(m_keys, dtype=np.float32)
+        o = np.empty(head_dim, dtype=np.float32)
+        for t in range(c0, min(c0 + chunk, nq)):
+            for d in range(head_dim):
+                q[d] = q2[n, t, q_col + ko + d] + q_bias[ko + d]
+            m = -np.inf
+            for s in range(m_keys):
+                acc = np.float32(0.0)
+                for d in range(head_dim):
+                    acc += q[d] * k[s, d]
+                p[s] = acc * scale32
+                m = max(m, p[s])
+            tot = np.float32(0.0)
+            for s in range(m_keys):
+                p[s] = math.exp(p[s] - m)
+                tot += p[s]
+            for d in range(head_dim):
+                o[d] = 0.0
+            for s in range(m_keys):
+                ps = p[s] / tot
+                for d in range(head_dim):
+                    o[d] += ps * v[s, d]
+            dst = o2[n, t]
+            for d in range(head_dim):
+                dst[out_col + ko + d] = o[d]
+    return out

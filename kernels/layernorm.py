@@ -1,0 +1,77 @@
+"""LayerNorm over the last axis, alone and fused with the residual add that precedes it in every block.
+
+Rows are tokens (N, C), float32, C-contiguous. Statistics are accumulated in float64 (two passes) so the
+kernel is at least as accurate as PyTorch's float32 LayerNorm."""
+import numba as nb
+import numpy as np
+
+from .gelu import FASTMATH
+
+
+def layernorm_ref(x, weight, bias, eps, out=None):
+    """out = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance)."""
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=-1, keepdims=True)
+    var = ((x64 - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = ((x64 - mean) / np.sqrt(var + eps) * weight + bias).astype(x.dtype)
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+def residual_add_ref(x, y, bias):
+    """x <- x + y + bias in place (the residual of a sub-layer whose last GEMM left its bias out)."""
+    x += y + bias
+    return x
+
+
+def residual_add_layernorm_ref(x, y, bias, weight, ln_bias, eps, out):
+    """x <- x + y + bias in place, then out = LayerNorm(x)."""
+    residual_add_ref(x, y, bias)
+    return layernorm_ref(x, weight, ln_bias, eps, out)
+
+
+@nb.njit(inline="always", cache=True, fastmath=FASTMATH)
+def _normalise_row(x, weight, bias, eps, out):
+    c = x.shape[0]
+    s = 0.0
+    for j in range(c):
+        s += x[j]
+    mean = s / c
+    v = 0.0
+    for j in range(c):
+        d = x[j] - mean
+        v += d * d
+    inv = 1.0 / np.sqrt(v / c + eps)
+    m32 = np.float32(mean)
+    i32 = np.float32(inv)
+    for j in range(c):
+        out[j] = (x[j] - m32) * i32 * weight[j] + bias[j]
+
+
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def layernorm(x, weight, bias, eps, out):
+    for i in nb.prange(x.shape[0]):
+        _normalise_row(x[i], weight, bias, eps, out[i])
+    return out
+
+
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def residual_add(x, y, bias):
+    n, c = x.shape
+    for i in nb.prange(n):
+        for j in range(c):
+            x[i, j] += y[i, j] + bias[j]
+    return x
+
+
+@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def residual_add_layernorm(x, y, bias, weight, ln_bias, eps, out):
+    n, c = x.shape
+    for i in nb.prange(n):
+        row = x[i]
+        for j in range(c):
+            row[j] += y[i, j] + bias[j]
+        _normalise_row(row, weight, ln_bias, eps, out[i])
+    return out

@@ -1,0 +1,9 @@
+"""The registry of named model variants: name -> (model class, config)."""
+from .litv2 import LITv2
+from .litv2_config import LITV2_VARIANTS, LITv2Config
+
+# name -> (model class, config class, default config)
+MODEL_REGISTRY = {name: (LITv2, LITv2Config, cfg) for name, cfg in LITV2_VARIANTS.items()}
+
+# architecture tag in a weights file -> (model class, config class)
+ARCHITECTURES = {"litv2": (LITv2, LITv2Config)}

@@ -1,0 +1,334 @@
+"""LITv2 (HiLo attention) on NumPy + Numba, channels-last tokens, float32.
+
+Bottom-up as in the official code: HiLo attention -> Block / ConvFFN block -> stage -> DTM -> model.
+Tokens are kept as (B*H*W, C) row-major arrays so that every linear layer is one BLAS GEMM; biases are left out
+of the GEMMs and folded into the kernel that reads the result (see qnalo.kernels). Sizes follow the official
+dense-prediction copy, which equals the classification copy at the official resolutions: the image is
+zero-padded to a multiple of 4, HiLo pads each map to a multiple of its window, DTM floors odd sizes.
+"""
+import numpy as np
+
+from ..errors import CheckpointError, InputError
+from .litv2_config import LITv2Config
+from .ops import get_ops
+
+LN_EPS = 1e-5
+BN_EPS = 1e-5
+
+
+def engine_tensor_shapes(cfg: LITv2Config):
+    """name -> shape of every tensor a qnalo LITv2 weights file holds (docs/format.md)."""
+    e = cfg.embed_dim
+    shapes = {"patch_embed.proj.weight": (48, e), "patch_embed.proj.bias": (e,),
+              "patch_embed.norm.weight": (e,), "patch_embed.norm.bias": (e,)}
+    for i in range(4):
+        c = cfg.stage_dim(i)
+        hd = cfg.head_dim(i)
+        lo, hi = cfg.lo_heads[i] * hd, cfg.hi_heads(i) * hd
+        for b in range(cfg.depths[i]):
+            p = f"layers.{i}.blocks.{b}."
+            norms = ("norm2",) if not cfg.window_sizes[i] else ("norm1", "norm2")
+            for n in norms:
+                shapes[p + n + ".weight"] = (c,)
+                shapes[p + n + ".bias"] = (c,)
+            hidden = cfg.mlp_ratio * c
+            shapes.update({p + "mlp.fc1.weight": (c, hidden), p + "mlp.fc1.bias": (hidden,),
+                           p + "mlp.dwconv.dwconv.weight": (3, 3, hidden), p + "mlp.dwconv.dwconv.bias": (hidden,),
+                           p + "mlp.fc2.weight": (hidden, c), p + "mlp.fc2.bias": (c,)})
+            if lo:
+                shapes.update({p + "attn.l_q.weight": (c, lo), p + "attn.l_q.bias": (lo,),
+                               p + "attn.l_kv.weight": (c, 2 * lo), p + "attn.l_kv.bias": (2 * lo,),
+                               p + "attn.l_proj.weight": (lo, lo), p + "attn.l_proj.bias": (lo,)})
+            if hi:
+                shapes.update({p + "attn.h_qkv.weight": (c, 3 * hi), p + "attn.h_qkv.bias": (3 * hi,),
+                               p + "attn.h_proj.weight": (hi, hi), p + "attn.h_proj.bias": (hi,)})
+        if i < 3:
+            p = f"layers.{i}.downsample."
+            shapes.update({p + "dconv.weight": (4 * c, 2 * c), p + "dconv.bias": (2 * c,),
+                           p + "dconv.conv_offset.weight": (4 * c, 8), p + "dconv.conv_offset.bias": (8,)})
+            for n in ("weight", "bias", "running_mean", "running_var"):
+                shapes[p + "norm_layer." + n] = (2 * c,)
+        if i in cfg.out_norms:
+            shapes[f"norm{i}.weight"] = (c,)
+            shapes[f"norm{i}.bias"] = (c,)
+    if cfg.num_classes:
+        f = cfg.num_features
+        shapes.update({"norm.weight": (f,), "norm.bias": (f,),
+                       "head.weight": (f, cfg.num_classes), "head.bias": (cfg.num_classes,)})
+    return shapes
+
+
+def check_tensors(tensors, cfg: LITv2Config, where="weights"):
+    """Missing, unexpected or mis-shaped tensors are one error that names them."""
+    expected = engine_tensor_shapes(cfg)
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    misshaped = [f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
+                 for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            problems.append(f"{len(names)} {label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{where} do not fit this LITv2 config: " + "; ".join(problems))
+
+
+def random_tensors(cfg: LITv2Config, seed=0):
+    """Random weights in engine layout, drawn like the official initialisation (for tests and benchmarks)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in engine_tensor_shapes(cfg).items():
+        leaf = name.rsplit(".", 1)[1]
+        if leaf in ("running_var",) or (leaf == "weight" and len(shape) == 1):
+            value = np.ones(shape)                      # LayerNorm / BatchNorm scale, BN variance
+        elif leaf in ("bias", "running_mean") or "conv_offset" in name:
+            value = np.zeros(shape)                     # biases, BN mean, offset conv (zero-init officially)
+        elif "dwconv" in name:
+            value = rng.normal(0.0, np.sqrt(2.0 / 9.0), shape)
+        else:
+            value = np.clip(rng.normal(0.0, 0.02, shape), -0.04, 0.04)   # trunc_normal(std=.02)
+        out[name] = value.astype(np.float32)
+    return out
+
+
+class _Linear:
+    """y = x @ weight (+ bias, added by whichever kernel consumes y)."""
+
+    def __init__(self, weight, bias):
+        self.weight = np.ascontiguousarray(weight, dtype=np.float32)   # (in, out)
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32)       # (out,)
+
+    def matmul(self, x):
+        return x @ self.weight
+
+
+class _Norm:
+    def __init__(self, t, prefix):
+        self.weight = t[prefix + ".weight"]
+        self.bias = t[prefix + ".bias"]
+
+
+class HiLoAttention:
+    """Hi-Fi heads attend inside ws x ws windows, Lo-Fi heads attend to ws x ws average-pooled keys/values;
+    output channels are [Hi-Fi | Lo-Fi], each branch with its own output projection."""
+
+    def __init__(self, t, prefix, cfg, stage):
+        self.ws = cfg.window_sizes[stage]
+        self.head_dim = cfg.head_dim(stage)
+        self.scale = self.head_dim ** -0.5
+        self.hi_heads, self.lo_heads = cfg.hi_heads(stage), cfg.lo_heads[stage]
+        self.hi_dim, self.lo_dim = self.hi_heads * self.head_dim, self.lo_heads * self.head_dim
+        dim = self.hi_dim + self.lo_dim
+        g = lambda name: t[prefix + name]  # noqa: E731
+        # one GEMM for [h_qkv | l_q] over the normalised tokens; one block-diagonal GEMM for [h_proj | l_proj]
+        qkv_w, qkv_b, proj_w, proj_b = [], [], np.zeros((dim, dim), np.float32), []
+        if self.hi_heads:
+            qkv_w.append(g("h_qkv.weight"))
+            qkv_b.append(g("h_qkv.bias"))
+            proj_w[:self.hi_dim, :self.hi_dim] = g("h_proj.weight")
+            proj_b.append(g("h_proj.bias"))
+        if self.lo_heads:
+            qkv_w.append(g("l_q.weight"))
+            qkv_b.append(g("l_q.bias"))
+            proj_w[self.hi_dim:, self.hi_dim:] = g("l_proj.weight")
+            proj_b.append(g("l_proj.bias"))
+            self.kv = _Linear(g("l_kv.weight"), g("l_kv.bias"))
+        self.qkv = _Linear(np.concatenate(qkv_w, axis=1), np.concatenate(qkv_b))
+        self.proj = _Linear(proj_w, np.concatenate(proj_b))
+
+    def __call__(self, ops, xn, b, h, w):
+        """xn (B*h*w, C) normalised tokens -> un-projected-bias output (B*h*w, C) and the bias to add."""
+        c = xn.shape[1]
+        xn4 = xn.reshape(b, h, w, c)
+        qkv = self.qkv.matmul(xn).reshape(b, h, w, -1)
+        heads_out = np.empty((b, h, w, c), dtype=np.float32)
+        hi_cols = 3 * self.hi_dim
+        if self.hi_heads:
+            ops.hifi_attention(qkv, self.qkv.bias[:hi_cols], self.ws, self.hi_heads, self.head_dim,
+                               self.scale, heads_out)
+        if self.lo_heads:
+            pooled = ops.window_avgpool(xn4, self.ws) if self.ws > 1 else xn4
+            kv = self.kv.matmul(pooled.reshape(-1, c)).reshape(b, -1, 2 * self.lo_dim)
+            ops.lofi_attention(qkv, hi_cols, self.qkv.bias[hi_cols:], kv, self.kv.bias, self.lo_heads,
+                               self.head_dim, self.scale, heads_out, self.hi_dim)
+        return self.proj.matmul(heads_out.reshape(-1, c)), self.proj.bias
+
+
+class ConvFFN:
+    """fc1 -> depthwise 3x3 (zero pad 1) -> exact GELU -> fc2."""
+
+    def __init__(self, t, prefix):
+        self.fc1 = _Linear(t[prefix + "fc1.weight"], t[prefix + "fc1.bias"])
+        self.dw_weight = t[prefix + "dwconv.dwconv.weight"]
+        self.dw_bias = t[prefix + "dwconv.dwconv.bias"]
+        self.fc2 = _Linear(t[prefix + "fc2.weight"], t[prefix + "fc2.bias"])
+
+    def __call__(self, ops, xn, b, h, w):
+        hidden = self.fc1.matmul(xn).reshape(b, h, w, -1)
+        act = ops.dwconv3x3_gelu(hidden, self.fc1.bias, self.dw_weight, self.dw_bias)
+        return self.fc2.matmul(act.reshape(b * h * w, -1)), self.fc2.bias
+
+
+class Block:
+    """Pre-norm residual block: [x + HiLo(norm1 x)], x + ConvFFN(norm2 x). Stages 0-1 have no attention."""
+
+    def __init__(self, t, prefix, cfg, stage):
+        self.attn = HiLoAttention(t, prefix + "attn.", cfg, stage) if cfg.window_sizes[stage] else None
+        self.norm1 = _Norm(t, prefix + "norm1") if self.attn else None
+        self.norm2 = _Norm(t, prefix + "norm2")
+        self.mlp = ConvFFN(t, prefix + "mlp.")
+
+    @property
+    def first_norm(self):
+        return self.norm1 or self.norm2
+
+    def __call__(self, ops, x, xn, b, h, w, next_norm):
+        """x (B*h*w, C) residual stream, updated in place; xn = first_norm(x) on entry, next_norm(x) on exit."""
+        if self.attn:
+            y, bias = self.attn(ops, xn, b, h, w)
+            ops.residual_add_layernorm(x, y, bias, self.norm2.weight, self.norm2.bias, LN_EPS, xn)
+        y, bias = self.mlp(ops, xn, b, h, w)
+        if next_norm is None:
+            ops.residual_add(x, y, bias)
+        else:
+            ops.residual_add_layernorm(x, y, bias, next_norm.weight, next_norm.bias, LN_EPS, xn)
+
+
+class DTM:
+    """Deformable token merging: offsets from a 2x2/s2 conv, DCNv1 2x2/s2 sampling, BatchNorm (folded into the
+    deformable conv's weights at load time), GELU. Halves H and W (floor), doubles C."""
+
+    def __init__(self, t, prefix):
+        self.offset = _Linear(t[prefix + "dconv.conv_offset.weight"], t[prefix + "dconv.conv_offset.bias"])
+        scale = t[prefix + "norm_layer.weight"].astype(np.float64) / np.sqrt(
+            t[prefix + "norm_layer.running_var"].astype(np.float64) + BN_EPS)
+        weight = t[prefix + "dconv.weight"].astype(np.float64) * scale
+        bias = (t[prefix + "dconv.bias"] - t[prefix + "norm_layer.running_mean"]) * scale \
+            + t[prefix + "norm_layer.bias"]
+        self.conv = _Linear(weight, bias)
+
+    def __call__(self, ops, x, b, h, w):
+        c = x.shape[1]
+        x4 = x.reshape(b, h, w, c)
+        ho, wo = h // 2, w // 2
+        patches = x4[:, :2 * ho, :2 * wo].reshape(b, ho, 2, wo, 2, c).transpose(0, 1, 3, 2, 4, 5)
+        offsets = self.offset.matmul(patches.reshape(b * ho * wo, 4 * c)) + self.offset.bias
+        cols = ops.deform_sample(x4, offsets.reshape(b, ho, wo, 8))
+        y = self.conv.matmul(cols.reshape(b * ho * wo, 4 * c))
+        return ops.bias_gelu(y, self.conv.bias), ho, wo
+
+
+class LITv2:
+    """A LITv2 classifier or dense backbone. `model(x)` -> logits; `model.forward_features(x)` -> 4 NCHW maps."""
+
+    architecture = "litv2"
+    min_size = 29   # the smallest side whose stage-3 map is non-empty: ceil(29/4) = 8 -> 4 -> 2 -> 1
+
+    def __init__(self, cfg: LITv2Config, tensors, backend="numba", source=None):
+        check_tensors(tensors, cfg)
+        t = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+        self.config = cfg
+        self.source = source or {}
+        self.backend = backend
+        self._ops = get_ops(backend)
+        self.patch = _Linear(t["patch_embed.proj.weight"], t["patch_embed.proj.bias"])
+        self.patch_norm = _Norm(t, "patch_embed.norm")
+        self.stages = [[Block(t, f"layers.{i}.blocks.{j}.", cfg, i) for j in range(cfg.depths[i])]
+                       for i in range(4)]
+        self.downsamples = [DTM(t, f"layers.{i}.downsample.") for i in range(3)]
+        self.out_norms = {i: _Norm(t, f"norm{i}") for i in cfg.out_norms}
+        if cfg.num_classes:
+            self.norm = _Norm(t, "norm")
+            self.head = _Linear(t["head.weight"], t["head.bias"])
+        self.num_parameters = int(sum(v.size for k, v in tensors.items()
+                                      if not k.endswith(("running_mean", "running_var"))))
+
+    # -- input checks ---------------------------------------------------------------------------------------
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"expected a numpy array of shape (B, 3, H, W), got {type(x).__name__}")
+        if x.ndim != 4:
+            raise InputError(f"expected a 4-D NCHW array (B, 3, H, W), got shape {x.shape}"
+                             + ("; add a batch axis with x[None]" if x.ndim == 3 else ""))
+        if x.shape[1] != 3:
+            hint = "; the input looks channels-last (NHWC): pass x.transpose(0, 3, 1, 2)" if x.shape[-1] == 3 else ""
+            raise InputError(f"expected 3 channels in axis 1 (NCHW), got shape {x.shape}{hint}")
+        if x.dtype != np.float32:
+            raise InputError(f"expected float32 input, got {x.dtype}; convert with x.astype(np.float32)")
+        if min(x.shape[2:]) < self.min_size:
+            raise InputError(f"image {x.shape[2]}x{x.shape[3]} is too small: LITv2 needs at least "
+                             f"{self.min_size}x{self.min_size} pixels (it downsamples by 32)")
+        return np.ascontiguousarray(x)
+
+    @staticmethod
+    def feature_sizes(height, width):
+        """(H_i, W_i) of the four stage maps for an input of height x width."""
+        h, w = -(-height // 4), -(-width // 4)
+        sizes = [(h, w)]
+        for _ in range(3):
+            h, w = h // 2, w // 2
+            sizes.append((h, w))
+        return sizes
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def _patch_embed(self, x):
+        b, _, height, width = x.shape
+        h, w = -(-height // 4), -(-width // 4)
+        if (4 * h, 4 * w) != (height, width):   # zero-pad right and bottom to a multiple of 4
+            x = np.pad(x, ((0, 0), (0, 0), (0, 4 * h - height), (0, 4 * w - width)))
+        patches = x.reshape(b, 3, h, 4, w, 4).transpose(0, 2, 4, 1, 3, 5).reshape(b * h * w, 48)
+        tokens = self.patch.matmul(patches)
+        tokens += self.patch.bias
+        return tokens, h, w
+
+    def _stages(self, x):
+        """Yields (tokens (B*h*w, C), h, w) of each stage before its downsampling."""
+        ops = self._ops
+        b = x.shape[0]
+        tokens, h, w = self._patch_embed(x)
+        tokens = ops.layernorm(tokens, self.patch_norm.weight, self.patch_norm.bias, LN_EPS,
+                               np.empty_like(tokens))
+        for i, blocks in enumerate(self.stages):
+            xn = ops.layernorm(tokens, blocks[0].first_norm.weight, blocks[0].first_norm.bias, LN_EPS,
+                               np.empty_like(tokens))
+            for j, blk in enumerate(blocks):
+                nxt = blocks[j + 1].first_norm if j + 1 < len(blocks) else None
+                blk(ops, tokens, xn, b, h, w, nxt)
+            yield tokens, h, w
+            if i < 3:
+                tokens, h, w = self.downsamples[i](ops, tokens, b, h, w)
+
+    def forward_features(self, x):
+        """x (B, 3, H, W) float32 -> [(B, C_i, H_i, W_i) for the 4 stages], taken before each downsampling;
+        with a dense checkpoint's per-stage norms applied where it has them."""
+        x = self._check_input(x)
+        b = x.shape[0]
+        if b == 0:
+            return [np.zeros((0, self.config.stage_dim(i), h, w), np.float32)
+                    for i, (h, w) in enumerate(self.feature_sizes(*x.shape[2:]))]
+        feats = []
+        for i, (tokens, h, w) in enumerate(self._stages(x)):
+            if i in self.out_norms:
+                n = self.out_norms[i]
+                tokens = self._ops.layernorm(tokens, n.weight, n.bias, LN_EPS, np.empty_like(tokens))
+            feats.append(np.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2)))
+        return feats
+
+    def forward_head(self, tokens, b):
+        """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
+        normed = self._ops.layernorm(tokens, self.norm.weight, self.norm.bias, LN_EPS, np.empty_like(tokens))
+        pooled = normed.reshape(b, -1, normed.shape[1]).mean(axis=1, dtype=np.float64).astype(np.float32)
+        return self.head.matmul(pooled) + self.head.bias
+
+    def __call__(self, x):
+        """x (B, 3, H, W) float32 -> logits (B, num_classes) float32."""
+        if not self.config.num_classes:
+            raise InputError("this model is a dense-prediction backbone (converted from a detection/segmentation "
+                             "checkpoint) and has no classification head; call model.forward_features(x)")
+        x = self._check_input(x)
+        if x.shape[0] == 0:
+            return np.zeros((0, self.config.num_classes), np.float32)
+        for tokens, _, _ in self._stages(x):
+            pass
+        return self.forward_head(tokens, x.shape[0])

@@ -1,0 +1,40 @@
+"""The two op sets a model can run on: the Numba kernels and their plain-NumPy references (same signatures).
+
+backend="numpy" runs the whole network on the references: slow, simple, and what the kernels are tested
+against; it is the middle link of the parity chain PyTorch <-> NumPy reference <-> Numba kernels."""
+from types import SimpleNamespace
+
+from qnalo.kernels import deform_conv, dwconv_gelu, gelu, hilo, layernorm
+
+NUMBA = SimpleNamespace(
+    layernorm=layernorm.layernorm,
+    residual_add=layernorm.residual_add,
+    residual_add_layernorm=layernorm.residual_add_layernorm,
+    bias_gelu=gelu.bias_gelu,
+    dwconv3x3_gelu=dwconv_gelu.dwconv3x3_gelu,
+    deform_sample=deform_conv.deform_sample,
+    window_avgpool=hilo.window_avgpool,
+    hifi_attention=hilo.hifi_attention,
+    lofi_attention=hilo.lofi_attention,
+)
+
+NUMPY = SimpleNamespace(
+    layernorm=layernorm.layernorm_ref,
+    residual_add=layernorm.residual_add_ref,
+    residual_add_layernorm=layernorm.residual_add_layernorm_ref,
+    bias_gelu=gelu.bias_gelu_ref,
+    dwconv3x3_gelu=dwconv_gelu.dwconv3x3_gelu_ref,
+    deform_sample=deform_conv.deform_sample_ref,
+    window_avgpool=hilo.window_avgpool_ref,
+    hifi_attention=hilo.hifi_attention_ref,
+    lofi_attention=hilo.lofi_attention_ref,
+)
+
+BACKENDS = {"numba": NUMBA, "numpy": NUMPY}
+
+
+def get_ops(backend):
+    try:
+        return BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
