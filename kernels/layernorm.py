@@ -44,10 +44,8 @@ def _normalise_row(x, weight, bias, eps, out):
         d = x[j] - mean
         v += d * d
     inv = 1.0 / np.sqrt(v / c + eps)
-    m32 = np.float32(mean)
-    i32 = np.float32(inv)
-    for j in range(c):
-        out[j] = (x[j] - m32) * i32 * weight[j] + bias[j]
+    for j in range(c):  # centre in float64: a float32 mean would lose digits when |mean| >> std
+        out[j] = np.float32((x[j] - mean) * inv) * weight[j] + bias[j]
 
 
 @nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
