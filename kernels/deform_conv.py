@@ -27,6 +27,8 @@ def deform_sample_ref(x, offsets):
     py = base_y.astype(dt) + offsets[..., 0::2]                      # (B, Ho, Wo, 4)
     px = base_x.astype(dt) + offsets[..., 1::2]
     inside = (py > -1) & (py < h) & (px > -1) & (px < w)
+    py = np.where(inside, py, 0)   # a NaN position is outside, as in the CUDA kernel's band test
+    px = np.where(inside, px, 0)
     y0 = np.floor(py)
     x0 = np.floor(px)
     ly = py - y0
@@ -39,7 +41,7 @@ def deform_sample_ref(x, offsets):
                         (y0 + 1, x0, ly * (1 - lx)), (y0 + 1, x0 + 1, ly * lx)):
         valid = inside & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
         vals = x[bidx, np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)].astype(np.float64)   # (B, Ho, Wo, 4, C)
-        cols += np.where(valid, wgt, 0).astype(np.float64)[..., None] * vals
+        cols += np.where(valid[..., None], wgt[..., None] * vals, 0)
     return cols.astype(x.dtype)
 
 

@@ -34,7 +34,10 @@ def create_model(name, weights=None, backend="numba", **overrides):
     unknown = set(overrides) - {f.name for f in dataclasses.fields(config_cls)}
     if unknown:
         raise InputError(f"unknown config fields for {name}: {sorted(unknown)}")
-    config = dataclasses.replace(config, **overrides)
+    try:
+        config = config.replace(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid config overrides for {name}: {exc}") from None
     if weights is None:
         warnings.warn(f"qnalo: {name} created with random weights; pass weights= a converted file "
                       "(see `qnalo convert`) for real predictions", stacklevel=2)

@@ -50,6 +50,12 @@ class LITv2Config:
     def num_features(self):
         return self.stage_dim(3)
 
+    def replace(self, **overrides):
+        """A copy with some fields changed; the head split is re-derived unless given."""
+        if "lo_heads" not in overrides:
+            overrides["lo_heads"] = None
+        return dataclasses.replace(self, **overrides)
+
     def to_dict(self):
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in dataclasses.fields(self)}

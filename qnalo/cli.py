@@ -1,0 +1,91 @@
+"""The `qnalo` command line. Subcommands: convert (more to come: classify, info, bench).
+
+Every subcommand registers itself in `_SUBCOMMANDS` with a function adding its arguments and one running it.
+An error on bad input prints one line, `qnalo: error: <message>`, to stderr and exits with status 1; usage
+errors exit with status 2 (argparse).
+"""
+import argparse
+import sys
+
+from qnalo.errors import QnaloError
+
+_HANDLED_ERRORS = (QnaloError, OSError)  # OSError covers FileExistsError and FileNotFoundError
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="qnalo", description="CPU inference for LITv2 and QnA-ViT, without PyTorch.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in _SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
+    return _run(parser, argv)
+
+
+def convert_main(argv=None, prog="python -m qnalo.weights_converter"):
+    """`qnalo convert` as a program of its own (python -m qnalo.weights_converter)."""
+    parser = argparse.ArgumentParser(prog=prog, description=_CONVERT_HELP)
+    _add_convert_arguments(parser)
+    parser.set_defaults(run=_run_convert)
+    return _run(parser, argv)
+
+
+def _run(parser, argv):
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except _HANDLED_ERRORS as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
+        print(f"qnalo: error: {message}", file=sys.stderr)
+        return 1
+
+
+_CONVERT_HELP = "Convert an official checkpoint (.pth or .safetensors state dict) into a qnalo weights file."
+
+
+def _add_convert_arguments(parser):
+    parser.add_argument("src", metavar="SRC", help="official checkpoint (.pth, or .safetensors state dict)")
+    parser.add_argument("dst", metavar="DST", help="qnalo weights file to write (.safetensors)")
+    parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    parser.add_argument("--img-size", type=_positive_int, metavar="N",
+                        help="evaluation resolution to record (default: from the file name or config, else 224)")
+    parser.add_argument("--window-sizes", type=_window_sizes, metavar="W0,W1,W2,W3",
+                        help="HiLo window size per stage (default: from the config or file name, else 0,0,2,1)")
+
+
+def _run_convert(args):
+    from qnalo.weights_converter.convert import convert
+
+    info = convert(args.src, args.dst, force=args.force, img_size=args.img_size, window_sizes=args.window_sizes)
+    print(f"wrote {info['architecture']} ({info['variant'] or 'custom configuration'}, "
+          f"{info['params']:,} parameters) to {info['path']}")
+    return 0
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def _window_sizes(text):
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 4 or min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"expected 4 comma-separated integers >= 0, like 0,0,2,1; got {text!r}")
+    return sizes
+
+
+_SUBCOMMANDS = {
+    "convert": (_CONVERT_HELP, _add_convert_arguments, _run_convert),
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""LITv2 end to end: the qnalo engine (Numba kernels and NumPy reference ops) against the PyTorch reference.
+
+The PyTorch reference (tests/reference/litv2_torch.py) has the official module names, so its state_dict() is an
+official checkpoint; the converter's key map turns it into the engine's layout."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+import qnalo
+from qnalo.models.litv2 import LITv2
+from qnalo.models.litv2_config import LITV2_VARIANTS, LITv2Config
+from tolerances import assert_logits_close
+
+torch = pytest.importorskip("torch")
+from reference.litv2_torch import LITv2 as TorchLITv2, litv2_reference, randomize_  # noqa: E402
+from qnalo.weights_converter.litv2 import litv2_engine_tensors  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def _engine_tensors(ref, cfg):
+    return litv2_engine_tensors({k: v.detach().numpy() for k, v in ref.state_dict().items()}, cfg)
+
+
+def _engine_from_reference(ref, cfg, backend="numba"):
+    return LITv2(cfg, _engine_tensors(ref, cfg), backend=backend)
+
+
+def _reference_from_config(cfg, seed):
+    ref = TorchLITv2(embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads,
+                     window_sizes=cfg.window_sizes, alpha=cfg.alpha, mlp_ratio=cfg.mlp_ratio,
+                     num_classes=cfg.num_classes, out_norms=cfg.out_norms or None).eval()
+    return randomize_(ref, seed=seed, offset_std=2.0)
+
+
+def _image(seed, b, h, w):
+    return np.random.default_rng(seed).standard_normal((b, 3, h, w)).astype(np.float32)
+
+
+def _torch_run(ref, x, features=False):
+    with torch.inference_mode():
+        t = torch.from_numpy(x)
+        if features:
+            return [f.numpy() for f in ref.forward_features(t)]
+        return ref(t).numpy()
+
+
+@st.composite
+def small_configs(draw):
+    head_dim = draw(st.sampled_from([4, 8, 12]))
+    heads2 = draw(st.integers(1, 4))
+    embed_dim = heads2 * head_dim // 4 * 4 or 4   # stage 2 has 4x embed_dim channels
+    heads2 = 4 * embed_dim // head_dim if (4 * embed_dim) % head_dim == 0 else 1
+    dense = draw(st.sampled_from([None, (1, 2, 3), (0, 1, 2, 3)]))
+    return LITv2Config(
+        embed_dim=embed_dim, depths=(1, draw(st.integers(1, 2)), draw(st.integers(1, 2)), 1),
+        num_heads=(1, 1, heads2, 2 * heads2), window_sizes=(0, 0, draw(st.integers(1, 4)), draw(st.integers(1, 2))),
+        alpha=draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])), mlp_ratio=draw(st.sampled_from([1, 2, 4])),
+        num_classes=0 if dense else draw(st.integers(2, 20)), out_norms=dense or ())
+
+
+@settings(max_examples=20)
+@given(cfg=small_configs(), seed=st.integers(0, 2**31 - 1), b=st.integers(1, 5),
+       h=st.integers(29, 75), w=st.integers(29, 75), backend=st.sampled_from(["numba", "numpy"]))
+@example(cfg=LITv2Config(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 4, 8), alpha=0.9, num_classes=10),
+         seed=0, b=1, h=32, w=32, backend="numba")
+@example(cfg=LITv2Config(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4), window_sizes=(0, 0, 3, 2),
+                         alpha=0.5, num_classes=7), seed=1, b=3, h=61, w=37, backend="numpy")
+def test_parity_random_configs(cfg, seed, b, h, w, backend):
+    ref = _reference_from_config(cfg, seed)
+    model = _engine_from_reference(ref, cfg, backend)
+    x = _image(seed, b, h, w)
+    feats = model.forward_features(x)
+    for i, (f, r) in enumerate(zip(feats, _torch_run(ref, x, features=True))):
+        assert_logits_close(f, r, what=f"stage {i} features", op="features")
+    if cfg.num_classes:
+        assert_logits_close(model(x), _torch_run(ref, x), what="logits")
+
+
+def _full_size(name, sizes, b=1, seed=0, out_norms=None):
+    cfg = LITV2_VARIANTS[name]
+    if out_norms is not None:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, num_classes=0, out_norms=out_norms)
+    ref = litv2_reference(name, out_norms=out_norms) if out_norms else litv2_reference(name)
+    randomize_(ref, seed=seed, offset_std=1.0)
+    model = _engine_from_reference(ref, cfg)
+    for h, w in sizes:
+        x = _image(seed, b, h, w)
+        if out_norms:
+            for i, (f, r) in enumerate(zip(model.forward_features(x), _torch_run(ref, x, features=True))):
+                assert_logits_close(f, r, what=f"{name} {h}x{w} stage {i}", op="features")
+        else:
+            assert_logits_close(model(x), _torch_run(ref, x), what=f"{name} {h}x{w} logits")
+
+
+@pytest.mark.slow
+def test_litv2_s_full_size():
+    # 224 (official), 250x333 (padded HiLo windows in layers.2, odd DTM inputs), 2 images per batch
+    _full_size("litv2_s", [(224, 224), (250, 333)], b=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", [("litv2_m", 224), ("litv2_b", 224), ("litv2_b_384", 384)])
+def test_other_variants_full_size(name, size):
+    _full_size(name, [(size, size), (size + 13, size - 31)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_norms", [(1, 2, 3), (0, 1, 2, 3)], ids=["detection", "segmentation"])
+def test_dense_backbone_features(out_norms):
+    _full_size("litv2_s", [(225, 230), (250, 333)], out_norms=out_norms)
+
+
+# -- input handling --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = LITv2Config(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), num_classes=5)
+    ref = _reference_from_config(cfg, 0)
+    return _engine_from_reference(ref, cfg), ref
+
+
+@pytest.mark.parametrize("x,message", [
+    (np.zeros((3, 32, 32), np.float32), "4-D NCHW"),
+    (np.zeros((1, 32, 32, 3), np.float32), "channels-last"),
+    (np.zeros((1, 1, 32, 32), np.float32), "3 channels"),
+    (np.zeros((1, 3, 32, 32), np.float64), "float32"),
+    (np.zeros((1, 3, 32, 32), np.uint8), "float32"),
+    (np.zeros((1, 3, 28, 64), np.float32), "too small"),
+    ([[[[0.0]]]], "numpy array"),
+])
+def test_bad_input_is_a_clear_error(tiny_model, x, message):
+    model, _ = tiny_model
+    with pytest.raises(qnalo.InputError, match=message):
+        model(x)
+
+
+def test_non_contiguous_input_just_works(tiny_model):
+    model, ref = tiny_model
+    x = _image(3, 2, 40, 36)
+    strided = np.ascontiguousarray(x[:, ::-1].transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)[:, ::-1]
+    assert not strided.flags.c_contiguous
+    np.testing.assert_array_equal(model(strided), model(x))
+    assert_logits_close(model(strided), _torch_run(ref, x))
+
+
+def test_empty_batch(tiny_model):
+    model, _ = tiny_model
+    assert model(np.zeros((0, 3, 64, 64), np.float32)).shape == (0, 5)
+    assert [f.shape for f in model.forward_features(np.zeros((0, 3, 64, 64), np.float32))] == [
+        (0, 8, 16, 16), (0, 16, 8, 8), (0, 32, 4, 4), (0, 64, 2, 2)]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_input_stays_in_its_image(tiny_model, bad):
+    # NaN/Inf follow the arithmetic (a DTM sample at a NaN position is 0, as in the official CUDA kernel);
+    # the kernels must agree with the NumPy reference and never leak into the other images of the batch
+    model, ref = tiny_model
+    x = _image(0, 2, 32, 32)
+    x[0, 0, 5, 5] = bad
+    logits = model(x)
+    reference = LITv2(model.config, _engine_tensors(ref, model.config), backend="numpy")(x)
+    np.testing.assert_array_equal(np.isnan(logits), np.isnan(reference))
+    assert_logits_close(logits[1:], model(np.ascontiguousarray(x[1:])))
+
+
+def test_dense_model_has_no_head():
+    cfg = LITv2Config(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), num_classes=0, out_norms=(1, 2, 3))
+    ref = _reference_from_config(cfg, 0)
+    with pytest.raises(qnalo.InputError, match="forward_features"):
+        _engine_from_reference(ref, cfg)(_image(0, 1, 32, 32))
+
+
+# -- API ---------------------------------------------------------------------------------------------------------
+
+def test_list_models():
+    assert {"litv2_s", "litv2_m", "litv2_b", "litv2_b_384"} <= set(qnalo.list_models())
+
+
+def test_create_model_random_init_warns():
+    with pytest.warns(UserWarning, match="random weights"):
+        model = qnalo.create_model("litv2_s")
+    assert model.num_parameters == 27_844_000   # spec §4.2 (BN running statistics excluded)
+
+
+def test_create_model_unknown_name():
+    with pytest.raises(qnalo.InputError, match="litv2_s"):
+        qnalo.create_model("litv2_xl")
+
+
+def test_mismatched_tensors_are_named():
+    cfg = LITv2Config(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), num_classes=5)
+    from qnalo.models.litv2 import random_tensors
+    tensors = random_tensors(cfg)
+    del tensors["layers.3.blocks.0.attn.l_q.weight"]
+    tensors["extra.weight"] = np.zeros(3, np.float32)
+    tensors["head.bias"] = np.zeros(6, np.float32)
+    with pytest.raises(qnalo.CheckpointError, match=r"l_q\.weight.*extra\.weight.*head\.bias"):
+        LITv2(cfg, tensors)
+
+
+def test_inference_never_imports_torch():
+    code = ("import sys, warnings, numpy as np, qnalo; warnings.simplefilter('ignore');"
+            "m = qnalo.create_model('litv2_s', embed_dim=16, num_heads=(1, 1, 2, 4));"
+            "m(np.zeros((1, 3, 64, 64), np.float32)); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_numba_and_numpy_backends_agree_on_litv2_s():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = qnalo.create_model("litv2_s")
+        slow = qnalo.create_model("litv2_s", backend="numpy")
+    x = _image(0, 1, 96, 128)
+    assert_logits_close(fast(x), slow(x))
