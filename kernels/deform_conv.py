@@ -7,7 +7,7 @@ renormalised). The result, cols (B, Ho, Wo, 4, C), multiplied by the (4C, 2C) we
 import numba as nb
 import numpy as np
 
-from .gelu import FASTMATH
+from ._jit import parallel_kernel
 
 
 def space_to_depth2_ref(x):
@@ -45,7 +45,7 @@ def deform_sample_ref(x, offsets):
     return cols.astype(x.dtype)
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def deform_sample(x, offsets):
     b, h, w, c = x.shape
     _, ho, wo, _ = offsets.shape

@@ -5,7 +5,8 @@ in-image sample, so zero padding stays zero exactly as in the official fc1 -> dw
 import numba as nb
 import numpy as np
 
-from .gelu import FASTMATH, gelu32, gelu_ref
+from ._jit import parallel_kernel
+from .gelu import gelu32, gelu_ref
 
 
 def dwconv3x3_gelu_ref(h, pre_bias, weight, bias):
@@ -20,7 +21,7 @@ def dwconv3x3_gelu_ref(h, pre_bias, weight, bias):
     return gelu_ref(acc).astype(h.dtype)
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def dwconv3x3_gelu(h, pre_bias, weight, bias):
     b, height, width, c = h.shape
     out = np.empty_like(h)

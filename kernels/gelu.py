@@ -4,9 +4,7 @@ import math
 import numba as nb
 import numpy as np
 
-# Fast-math flags that let LLVM vectorise and reassociate, but keep NaN/Inf semantics (no nnan/ninf):
-# a NaN input propagates to the output instead of being silently turned into a number.
-FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
+from ._jit import inline_kernel, parallel_kernel
 
 # Rational approximation of erf on [-4, 4] (the float32 one of Eigen / XLA): erf(x) = x*P(x^2) / Q(x^2),
 # |error| < 5e-7 against math.erf (measured on a 2e5-point grid over [-6, 6]); outside [-4, 4] erf is +-1 to float32 precision.
@@ -19,7 +17,7 @@ B8, B6, B4, B2, B0 = (np.float32(b) for b in _BETA)
 INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 
 
-@nb.njit(inline="always", cache=True, fastmath=FASTMATH)
+@inline_kernel()
 def erf32(x):
     x = min(max(x, np.float32(-4.0)), np.float32(4.0))
     x2 = x * x
@@ -36,7 +34,7 @@ def erf32(x):
     return x * p / q
 
 
-@nb.njit(inline="always", cache=True, fastmath=FASTMATH)
+@inline_kernel()
 def gelu32(x):
     return np.float32(0.5) * x * (np.float32(1.0) + erf32(x * INV_SQRT2))
 
@@ -57,7 +55,7 @@ def bias_gelu_ref(y, bias):
     return y
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def bias_gelu(y, bias):
     n, c = y.shape
     for i in nb.prange(n):

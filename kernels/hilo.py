@@ -13,7 +13,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .gelu import FASTMATH
+from ._jit import parallel_kernel
 
 
 def _softmax_ref(s):
@@ -64,7 +64,7 @@ def lofi_attention_ref(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, 
     return out
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def window_avgpool(x, ws):
     b, h, w, c = x.shape
     gh = (h + ws - 1) // ws
@@ -86,7 +86,7 @@ def window_avgpool(x, ws):
     return pooled
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
     b, h, w, _ = qkv.shape
     dim = heads * head_dim
@@ -149,7 +149,7 @@ def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
     return out
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
     b, h, w, _ = qkv.shape
     nq = h * w

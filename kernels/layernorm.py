@@ -5,7 +5,7 @@ kernel is at least as accurate as PyTorch's float32 LayerNorm."""
 import numba as nb
 import numpy as np
 
-from .gelu import FASTMATH
+from ._jit import inline_kernel, parallel_kernel
 
 
 def layernorm_ref(x, weight, bias, eps, out=None):
@@ -32,7 +32,7 @@ def residual_add_layernorm_ref(x, y, bias, weight, ln_bias, eps, out):
     return layernorm_ref(x, weight, ln_bias, eps, out)
 
 
-@nb.njit(inline="always", cache=True, fastmath=FASTMATH)
+@inline_kernel()
 def _normalise_row(x, weight, bias, eps, out):
     c = x.shape[0]
     s = 0.0
@@ -48,14 +48,14 @@ def _normalise_row(x, weight, bias, eps, out):
         out[j] = np.float32((x[j] - mean) * inv) * weight[j] + bias[j]
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def layernorm(x, weight, bias, eps, out):
     for i in nb.prange(x.shape[0]):
         _normalise_row(x[i], weight, bias, eps, out[i])
     return out
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def residual_add(x, y, bias):
     n, c = x.shape
     for i in nb.prange(n):
@@ -64,7 +64,7 @@ def residual_add(x, y, bias):
     return x
 
 
-@nb.njit(parallel=True, cache=True, fastmath=FASTMATH)
+@parallel_kernel()
 def residual_add_layernorm(x, y, bias, weight, ln_bias, eps, out):
     n, c = x.shape
     for i in nb.prange(n):
