@@ -9,6 +9,8 @@ Format version 1 (documented in docs/format.md). Metadata keys (all strings, saf
     qnalo.source          JSON object: where the weights came from (file name, sha256, source format)
 """
 import json
+import math
+import mmap
 import os
 import tempfile
 
@@ -18,6 +20,7 @@ from .errors import CheckpointError
 
 FORMAT_MAGIC = "qnalo-weights"
 FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 64 * 2**20   # safetensors' own limit is 100 MB; a LITv2-B header is ~60 kB
 
 
 def save_weights(path, tensors, architecture, config, source=None, force=False):
@@ -58,39 +61,65 @@ def save_weights(path, tensors, architecture, config, source=None, force=False):
 
 
 def read_weights(path):
-    """Read a qnalo weights file -> (tensors, architecture, config, source). Clear errors for anything else."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Read a qnalo weights file -> (tensors, architecture, config, source), with clear errors for anything else.
 
+    The tensors are read-only float32 views of the memory-mapped file: nothing is copied, so a loaded model
+    costs its file size in memory once, and pages are shared between processes that load the same file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    meta = read_metadata(path)
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors data ({exc}); convert the checkpoint again") from None
-    for name, value in tensors.items():
-        if value.dtype != np.float32:
-            raise CheckpointError(f"{path}: tensor {name!r} is {value.dtype}, expected float32")
+    with _open_checked(path) as f:
+        header, data_start = _read_header(path, f)
+        meta = _check_metadata(path, header.pop("__metadata__", None))
+        size = os.fstat(f.fileno()).st_size
+        entries = _check_entries(path, header, size - data_start)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if entries else b""
+    tensors = {name: np.frombuffer(mapped, np.float32, count=int(np.prod(shape)), offset=data_start + begin)
+               .reshape(shape) for name, (shape, begin) in entries.items()}
     return tensors, meta["architecture"], meta["config"], meta["source"]
 
 
 def read_metadata(path):
-    """Parse and check the header of a qnalo file without loading its tensors."""
-    from safetensors import SafetensorError, safe_open
+    """Parse and check the header of a qnalo file without touching its tensors."""
+    with _open_checked(path) as f:
+        header, _ = _read_header(path, f)
+    return _check_metadata(path, header.get("__metadata__"))
 
+
+def _open_checked(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a file")
+    return open(path, "rb")
+
+
+_NOT_QNALO = "convert official checkpoints with `qnalo convert SRC DST`"
+
+
+def _read_header(path, f):
+    """The safetensors header: an 8-byte little-endian length, then that many bytes of JSON."""
+    size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: not a qnalo weights file ({size} bytes, too short for a header); {_NOT_QNALO}")
+    length = int.from_bytes(prefix, "little")
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointError(f"{path}: not a qnalo weights file or truncated (header claims {length} bytes, "
+                              f"the file has {size}); {_NOT_QNALO}")
     try:
-        with safe_open(path, framework="np") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: not a qnalo weights file (not readable as safetensors: {exc}); "
-            "convert official checkpoints with `qnalo convert SRC DST`") from None
+        header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a qnalo weights file (unreadable header); {_NOT_QNALO}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a qnalo weights file (header is not a JSON object); {_NOT_QNALO}")
+    return header, 8 + length
+
+
+def _check_metadata(path, raw):
+    raw = raw if isinstance(raw, dict) else {}
     if raw.get("qnalo.format") != FORMAT_MAGIC:
-        raise CheckpointError(
-            f"{path}: a safetensors file but not a qnalo weights file (no qnalo.format metadata); "
-            "convert official checkpoints with `qnalo convert SRC DST`")
+        raise CheckpointError(f"{path}: a safetensors file but not a qnalo weights file (no qnalo.format "
+                              f"metadata); {_NOT_QNALO}")
     version = raw.get("qnalo.format_version", "")
     if version != str(FORMAT_VERSION):
         raise CheckpointError(
@@ -99,6 +128,38 @@ def read_metadata(path):
     try:
         config = json.loads(raw["qnalo.config"])
         source = json.loads(raw.get("qnalo.source", "{}"))
-    except (KeyError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: damaged qnalo metadata ({exc}); re-convert the checkpoint") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: damaged qnalo metadata (config is not an object); re-convert the checkpoint")
     return {"architecture": raw.get("qnalo.architecture", ""), "config": config, "source": source}
+
+
+def _check_entries(path, header, data_size):
+    """name -> (shape, byte offset): every tensor F32, inside the data section, sized as its shape says,
+    overlapping no other. Checked before anything is mapped, so a lying header cannot cause a huge read."""
+    entries = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(shape)
+            valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise CheckpointError(f"{path}: damaged header entry for tensor {name!r}; re-convert the checkpoint")
+        if dtype != "F32":
+            raise CheckpointError(f"{path}: tensor {name!r} is {dtype}; qnalo files hold F32 only")
+        if not begin <= end <= data_size:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end} of "
+                                  f"{data_size}); the file is truncated or damaged")
+        if end - begin != 4 * math.prod(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+        entries[name] = (shape, begin)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap; the file is damaged")
+    return entries

@@ -96,8 +96,8 @@ class _Linear:
     """y = x @ weight (+ bias, added by whichever kernel consumes y)."""
 
     def __init__(self, weight, bias):
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)   # (in, out)
-        self.bias = np.ascontiguousarray(bias, dtype=np.float32)       # (out,)
+        self.weight = weight   # (in, out) float32
+        self.bias = bias       # (out,)
 
     def matmul(self, x):
         return x @ self.weight
@@ -119,40 +119,36 @@ class HiLoAttention:
         self.scale = self.head_dim ** -0.5
         self.hi_heads, self.lo_heads = cfg.hi_heads(stage), cfg.lo_heads[stage]
         self.hi_dim, self.lo_dim = self.hi_heads * self.head_dim, self.lo_heads * self.head_dim
-        dim = self.hi_dim + self.lo_dim
-        g = lambda name: t[prefix + name]  # noqa: E731
-        # one GEMM for [h_qkv | l_q] over the normalised tokens; one block-diagonal GEMM for [h_proj | l_proj]
-        qkv_w, qkv_b, proj_w, proj_b = [], [], np.zeros((dim, dim), np.float32), []
+        # the file's tensors are used as they are (no fused copies), so a memory-mapped file is never duplicated
+        lin = lambda name: _Linear(t[prefix + name + ".weight"], t[prefix + name + ".bias"])  # noqa: E731
         if self.hi_heads:
-            qkv_w.append(g("h_qkv.weight"))
-            qkv_b.append(g("h_qkv.bias"))
-            proj_w[:self.hi_dim, :self.hi_dim] = g("h_proj.weight")
-            proj_b.append(g("h_proj.bias"))
+            self.h_qkv, self.h_proj = lin("h_qkv"), lin("h_proj")
         if self.lo_heads:
-            qkv_w.append(g("l_q.weight"))
-            qkv_b.append(g("l_q.bias"))
-            proj_w[self.hi_dim:, self.hi_dim:] = g("l_proj.weight")
-            proj_b.append(g("l_proj.bias"))
-            self.kv = _Linear(g("l_kv.weight"), g("l_kv.bias"))
-        self.qkv = _Linear(np.concatenate(qkv_w, axis=1), np.concatenate(qkv_b))
-        self.proj = _Linear(proj_w, np.concatenate(proj_b))
+            self.l_q, self.l_kv, self.l_proj = lin("l_q"), lin("l_kv"), lin("l_proj")
+        self.proj_bias = np.concatenate(([self.h_proj.bias] if self.hi_heads else [])
+                                        + ([self.l_proj.bias] if self.lo_heads else []))
 
     def __call__(self, ops, xn, b, h, w):
-        """xn (B*h*w, C) normalised tokens -> un-projected-bias output (B*h*w, C) and the bias to add."""
+        """xn (B*h*w, C) normalised tokens -> the projected output (B*h*w, C) without its bias, and that bias."""
         c = xn.shape[1]
-        xn4 = xn.reshape(b, h, w, c)
-        qkv = self.qkv.matmul(xn).reshape(b, h, w, -1)
         heads_out = np.empty((b, h, w, c), dtype=np.float32)
-        hi_cols = 3 * self.hi_dim
         if self.hi_heads:
-            ops.hifi_attention(qkv, self.qkv.bias[:hi_cols], self.ws, self.hi_heads, self.head_dim,
-                               self.scale, heads_out)
+            qkv = self.h_qkv.matmul(xn).reshape(b, h, w, -1)
+            ops.hifi_attention(qkv, self.h_qkv.bias, self.ws, self.hi_heads, self.head_dim, self.scale, heads_out)
         if self.lo_heads:
+            xn4 = xn.reshape(b, h, w, c)
+            q = self.l_q.matmul(xn).reshape(b, h, w, -1)
             pooled = ops.window_avgpool(xn4, self.ws) if self.ws > 1 else xn4
-            kv = self.kv.matmul(pooled.reshape(-1, c)).reshape(b, -1, 2 * self.lo_dim)
-            ops.lofi_attention(qkv, hi_cols, self.qkv.bias[hi_cols:], kv, self.kv.bias, self.lo_heads,
-                               self.head_dim, self.scale, heads_out, self.hi_dim)
-        return self.proj.matmul(heads_out.reshape(-1, c)), self.proj.bias
+            kv = self.l_kv.matmul(pooled.reshape(-1, c)).reshape(b, -1, 2 * self.lo_dim)
+            ops.lofi_attention(q, 0, self.l_q.bias, kv, self.l_kv.bias, self.lo_heads, self.head_dim, self.scale,
+                               heads_out, self.hi_dim)
+        heads_out = heads_out.reshape(-1, c)
+        out = np.empty_like(heads_out)
+        if self.hi_heads:
+            np.matmul(heads_out[:, :self.hi_dim], self.h_proj.weight, out=out[:, :self.hi_dim])
+        if self.lo_heads:
+            np.matmul(heads_out[:, self.hi_dim:], self.l_proj.weight, out=out[:, self.hi_dim:])
+        return out, self.proj_bias
 
 
 class ConvFFN:
@@ -206,7 +202,7 @@ class DTM:
         weight = t[prefix + "dconv.weight"].astype(np.float64) * scale
         bias = (t[prefix + "dconv.bias"] - t[prefix + "norm_layer.running_mean"]) * scale \
             + t[prefix + "norm_layer.bias"]
-        self.conv = _Linear(weight, bias)
+        self.conv = _Linear(weight.astype(np.float32), bias.astype(np.float32))
 
     def __call__(self, ops, x, b, h, w):
         c = x.shape[1]
@@ -227,7 +223,8 @@ class LITv2:
 
     def __init__(self, cfg: LITv2Config, tensors, backend="numba", source=None):
         check_tensors(tensors, cfg)
-        t = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+        t = {k: v if v.dtype == np.float32 and v.flags.c_contiguous else np.ascontiguousarray(v, np.float32)
+             for k, v in tensors.items()}
         self.config = cfg
         self.source = source or {}
         self.backend = backend
