@@ -1,0 +1,297 @@
+"""Read PyTorch `.pth` checkpoints into NumPy without torch and without running pickled code.
+
+A checkpoint written by torch >= 1.6 is a zip archive:
+
+    <folder>/data.pkl       the pickled object (a dict of tensors, possibly nested in other containers)
+    <folder>/data/<key>     one raw buffer per storage
+    <folder>/byteorder      "little" or "big" (absent in older files: little)
+    <folder>/version, ...   bookkeeping, not needed
+
+The pickle is read by an unpickler that resolves only the globals a state dict needs (an allow-list); foreign
+classes of harmless training metadata (a yacs config) become inert stubs, and anything else is refused
+before it can run. Tensors come back as NumPy arrays viewing the storage buffers (read-only views, except
+bfloat16, which is widened to a new float32 array); their size is checked against the buffer first.
+"""
+import collections
+import io
+import math
+import os
+import pickle
+import zipfile
+from typing import NamedTuple
+
+import numpy as np
+
+from qnalo.errors import CheckpointError, UnsafeCheckpointError
+
+# torch.save before 1.6 wrote a pickled magic number first, then the rest, without a zip around it.
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+# Deflate cannot compress better than about 1032:1; a larger declared ratio is a lie (or a zip bomb).
+_MAX_DEFLATE_RATIO = 1032
+# A tensor view may overlap itself (stride 0), so it can hold more elements than its storage. Materialising
+# such a view could allocate without bound, so it is accepted only up to this many elements.
+_MAX_OVERLAPPING_ELEMENTS = 1 << 20
+_MAX_DIMS = 32
+
+# Foreign classes that may sit beside the weights (the classification training loop pickles its yacs
+# config). They are replaced by an inert `ForeignObject` subclass; the real class is never imported.
+STUBBED_MODULES = ("yacs",)
+
+
+class _Dtype(NamedTuple):
+    """A tensor element type: the torch name (for messages) and the NumPy type of its raw buffer.
+    (Immutable, like every object the pickle can reach: a BUILD opcode must not alter shared state.)"""
+    torch_name: str
+    numpy: np.dtype
+
+    def __repr__(self):
+        return f"torch.{self.torch_name}"
+
+
+# bfloat16 has no NumPy type: its raw bits are read as uint16 and widened to float32 after the view.
+_BFLOAT16 = _Dtype("bfloat16", np.dtype(np.uint16))
+_DTYPES = {d.torch_name: d for d in [_BFLOAT16] + [_Dtype(name, np.dtype(name)) for name in (
+    "float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool", "uint16", "uint32", "uint64")]}
+_UNTYPED = _DTYPES["uint8"]  # an UntypedStorage counts bytes; the tensor record names the dtype
+
+
+class _StorageClass(NamedTuple):
+    """Stands for `torch.FloatStorage` & co. in the pickle: only says which element type a storage has.
+    Not callable: a pickle that tries to construct a storage itself fails."""
+    dtype: _Dtype
+
+
+_STORAGE_CLASSES = {
+    ("torch", "DoubleStorage"): _DTYPES["float64"], ("torch", "FloatStorage"): _DTYPES["float32"],
+    ("torch", "HalfStorage"): _DTYPES["float16"], ("torch", "BFloat16Storage"): _BFLOAT16,
+    ("torch", "LongStorage"): _DTYPES["int64"], ("torch", "IntStorage"): _DTYPES["int32"],
+    ("torch", "ShortStorage"): _DTYPES["int16"], ("torch", "CharStorage"): _DTYPES["int8"],
+    ("torch", "ByteStorage"): _DTYPES["uint8"], ("torch", "BoolStorage"): _DTYPES["bool"],
+    ("torch", "UntypedStorage"): _UNTYPED, ("torch.storage", "UntypedStorage"): _UNTYPED,
+}
+# Tensor types torch can save but that have no NumPy counterpart: a clear "unsupported", not "unsafe".
+_UNSUPPORTED_TORCH_PREFIXES = ("float8_", "float4_", "complex", "bits", "qint", "quint", "Complex", "QInt", "QUInt")
+
+
+class ForeignObject(dict):
+    """Inert stand-in for a pickled foreign object (e.g. a yacs CfgNode, itself a dict subclass).
+
+    Keeps the pickled dict items, the constructor arguments and the state, and runs nothing else.
+    `foreign_name` says which class it stands for."""
+
+    foreign_name = "?"
+    pickled_args = ()     # arguments of a call (REDUCE); a NEWOBJ creation calls no __init__
+    pickled_state = None  # what BUILD passed
+
+    def __init__(self, *args):  # never dict.__init__: the arguments are only recorded
+        super().__init__()
+        self.pickled_args = args
+
+    def __setstate__(self, state):
+        self.pickled_state = state
+
+    def __repr__(self):
+        return f"<stub {self.foreign_name} {dict.__repr__(self)}>"
+
+
+class _Storage(NamedTuple):
+    """One storage of the archive as a flat, read-only NumPy array of its element type."""
+    key: str
+    array: np.ndarray
+    dtype: _Dtype
+
+
+def load_pth(path):
+    """Load a torch zip checkpoint; tensors become NumPy arrays. Raises CheckpointError (one line) on any
+    damaged, truncated or legacy file, UnsafeCheckpointError on a pickle asking for a non-allowed global."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32]:
+        raise CheckpointError(
+            f"{path}: a legacy (torch < 1.6, non-zip) checkpoint; re-save it with a newer torch: "
+            "torch.save(torch.load(old_path, map_location='cpu'), new_path)")
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, NotImplementedError) as exc:
+        why = f"a damaged or truncated zip archive: {_one_line(exc)}" if head[:2] == b"PK" else "not a zip archive"
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({why})") from None
+    with archive:
+        return _ArchiveReader(path, archive).load()
+
+
+class _ArchiveReader:
+    def __init__(self, path, archive):
+        self.path = path
+        self.archive = archive
+        self.archive_size = os.path.getsize(path)
+        self.storages = {}  # key -> raw bytes, shared by every tensor that views the storage
+        self.folder = self._find_folder()
+        self.byte_order = self._read_byte_order()
+
+    def load(self):
+        unpickler = _RestrictedUnpickler(self, self._read_entry("data.pkl"))
+        try:
+            return unpickler.load()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # whatever a damaged pickle makes the unpickler raise
+            raise CheckpointError(
+                f"{self.path}: damaged data.pkl ({type(exc).__name__}: {_one_line(exc)})") from None
+
+    def _find_folder(self):
+        names = self.archive.namelist()
+        pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if not pickles:
+            raise CheckpointError(f"{self.path}: a zip archive but not a PyTorch checkpoint (no <folder>/data.pkl)")
+        if len(pickles) > 1:
+            raise CheckpointError(f"{self.path}: several data.pkl in one archive ({', '.join(pickles[:4])})")
+        folder = pickles[0][: -len("/data.pkl")]
+        if f"{folder}/constants.pkl" in names:  # its data.pkl holds a scripted module, not a state dict
+            raise CheckpointError(
+                f"{self.path}: a TorchScript archive (torch.jit.save); save the model's state_dict() with torch.save")
+        return folder
+
+    def _read_byte_order(self):
+        name = f"{self.folder}/byteorder"
+        if name not in self.archive.NameToInfo:
+            return "<"
+        order = self._read_entry("byteorder").strip()
+        if order not in (b"little", b"big"):
+            raise CheckpointError(f"{self.path}: unknown byteorder {order[:16]!r}")
+        return "<" if order == b"little" else ">"
+
+    def _read_entry(self, relative_name, expected_size=None):
+        name = f"{self.folder}/{relative_name}"
+        info = self.archive.NameToInfo.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: missing {name} in the archive")
+        if expected_size is not None and info.file_size != expected_size:
+            raise CheckpointError(
+                f"{self.path}: {name} holds {info.file_size} bytes, the pickle declares {expected_size}")
+        if info.header_offset + info.compress_size > self.archive_size:
+            raise CheckpointError(f"{self.path}: truncated file ({name} extends past its end)")
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
+            raise CheckpointError(f"{self.path}: {name} declares an impossible compression ratio")
+        try:
+            return self.archive.read(info)
+        except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.path}: damaged zip entry {name} ({_one_line(exc)})") from None
+
+    def storage(self, storage_class, key, numel):
+        """The storage `key` as a flat array of `numel` elements of the class's type (persistent_load)."""
+        dtype = storage_class.dtype
+        if key not in self.storages:
+            self.storages[key] = self._read_entry(f"data/{key}", expected_size=numel * dtype.numpy.itemsize)
+        raw = self.storages[key]
+        if len(raw) != numel * dtype.numpy.itemsize:  # the same storage declared with two sizes
+            raise CheckpointError(
+                f"{self.path}: storage {key} holds {len(raw)} bytes, the pickle declares {numel} x {dtype}")
+        return _Storage(key, np.frombuffer(raw, dtype=dtype.numpy.newbyteorder(self.byte_order)), dtype)
+
+    def tensor(self, storage, offset, size, stride, dtype=None):
+        """A strided view of `storage` (offset, size and stride in elements), checked before it is made."""
+        if not isinstance(storage, _Storage):
+            raise CheckpointError(f"{self.path}: malformed tensor record (its storage is a {type(storage).__name__})")
+        array = storage.array
+        if dtype is not None:  # an untyped (byte) storage viewed as `dtype` (torch._utils._rebuild_tensor_v3)
+            if not isinstance(dtype, _Dtype) or array.nbytes % dtype.numpy.itemsize:
+                raise CheckpointError(
+                    f"{self.path}: malformed tensor record (dtype {dtype!r} on storage {storage.key})")
+            array = array.view(dtype.numpy.newbyteorder(self.byte_order))
+        else:
+            dtype = storage.dtype
+        if not (_is_int(offset) and _is_int_sequence(size) and _is_int_sequence(stride) and len(size) == len(stride)):
+            raise CheckpointError(f"{self.path}: malformed tensor record on storage {storage.key}")
+        if len(size) > _MAX_DIMS or offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0:
+            raise CheckpointError(
+                f"{self.path}: invalid tensor on storage {storage.key}: size {tuple(size)}, stride {tuple(stride)}, "
+                f"offset {offset}")
+        count = math.prod(size)
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if count else -1
+        if last >= array.size or count > max(array.size, _MAX_OVERLAPPING_ELEMENTS):
+            raise CheckpointError(
+                f"{self.path}: tensor of size {tuple(size)}, stride {tuple(stride)} at offset {offset} does not fit "
+                f"storage {storage.key} of {array.size} elements")
+        itemsize = array.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            array[offset:] if count else array[:0], shape=tuple(size), strides=tuple(s * itemsize for s in stride),
+            writeable=False)
+        if dtype is _BFLOAT16:
+            return (view.astype(np.uint32) << 16).view(np.float32)
+        if not view.dtype.isnative:
+            return view.astype(view.dtype.newbyteorder("="))
+        return view
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals; everything else is refused before it can be called."""
+
+    def __init__(self, reader, data):
+        super().__init__(io.BytesIO(data))
+        self.reader = reader
+        self.stubs = {}
+        self.allowed = {
+            ("collections", "OrderedDict"): collections.OrderedDict,
+            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
+            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
+            ("torch", "Size"): tuple,
+        }
+
+    def find_class(self, module, name):
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        if (module, name) in _STORAGE_CLASSES:
+            return _StorageClass(_STORAGE_CLASSES[(module, name)])
+        if module == "torch" and name in _DTYPES:  # dtype objects, written beside untyped storages
+            return _DTYPES[name]
+        if module == "torch" and name.startswith(_UNSUPPORTED_TORCH_PREFIXES):
+            raise CheckpointError(f"{self.reader.path}: tensors of type torch.{name} are not supported")
+        if module.split(".")[0] in STUBBED_MODULES:
+            return self._stub(f"{module}.{name}")
+        raise UnsafeCheckpointError(
+            f"{self.reader.path}: the pickle asks for {module}.{name}, which no weights checkpoint needs; "
+            "refusing to load it (it could run arbitrary code)")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"{self.reader.path}: unknown persistent record {str(pid)[:60]!r} in data.pkl")
+        _, storage_class, key, _location, numel = pid  # the location ('cuda:0', 'cpu') is ignored
+        if not (isinstance(storage_class, _StorageClass) and isinstance(key, str) and _is_int(numel) and numel >= 0):
+            raise CheckpointError(f"{self.reader.path}: malformed storage record {str(pid)[:60]!r} in data.pkl")
+        return self.reader.storage(storage_class, key, numel)
+
+    def _stub(self, qualified_name):
+        if qualified_name not in self.stubs:
+            module, _, name = qualified_name.rpartition(".")
+            self.stubs[qualified_name] = type(
+                name, (ForeignObject,), {"foreign_name": qualified_name, "__module__": module})
+        return self.stubs[qualified_name]
+
+    def _rebuild_tensor_v2(self, storage, offset, size, stride, requires_grad=False, backward_hooks=None,
+                           metadata=None):
+        return self.reader.tensor(storage, offset, size, stride)
+
+    def _rebuild_tensor_v3(self, storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+        return self.reader.tensor(storage, offset, size, stride, dtype)
+
+    @staticmethod
+    def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+        return data  # a Parameter is its tensor: the gradient flag and hooks do not matter for inference
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_sequence(values):
+    return isinstance(values, (tuple, list)) and all(_is_int(v) for v in values)
+
+
+def _one_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
