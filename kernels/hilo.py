@@ -14,6 +14,7 @@ import numba as nb
 import numpy as np
 
 from ._jit import parallel_kernel
+from .softmax import scaled_softmax_rows
 
 
 def _softmax_ref(s):
@@ -149,54 +150,20 @@ def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
     return out
 
 
-@parallel_kernel()
 def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
+    """Same contract as lofi_attention_ref. The two products are batched BLAS GEMMs over strided per-head
+    views (no copies); only the scaled softmax is a kernel. q and kv get their biases added in place, so both
+    must be scratch buffers (the engine passes its fresh GEMM outputs)."""
     b, h, w, _ = qkv.shape
-    nq = h * w
-    m_keys = kv.shape[1]
     dim = heads * head_dim
-    scale32 = np.float32(scale)
-    chunk = 16
-    nchunks = (nq + chunk - 1) // chunk
-    q2 = qkv.reshape(b, nq, qkv.shape[3])
-    o2 = out.reshape(b, nq, out.shape[3])
-    for task in nb.prange(b * heads * nchunks):
-        n = task // (heads * nchunks)
-        hd = (task // nchunks) % heads
-        c0 = (task % nchunks) * chunk
-        ko = hd * head_dim
-        vo = dim + ko
-        # this head's keys and values with their biases, contiguous per key
-        k = np.empty((m_keys, head_dim), dtype=np.float32)
-        v = np.empty((m_keys, head_dim), dtype=np.float32)
-        for s in range(m_keys):
-            for d in range(head_dim):
-                k[s, d] = kv[n, s, ko + d] + kv_bias[ko + d]
-                v[s, d] = kv[n, s, vo + d] + kv_bias[vo + d]
-        q = np.empty(head_dim, dtype=np.float32)
-        p = np.empty(m_keys, dtype=np.float32)
-        o = np.empty(head_dim, dtype=np.float32)
-        for t in range(c0, min(c0 + chunk, nq)):
-            for d in range(head_dim):
-                q[d] = q2[n, t, q_col + ko + d] + q_bias[ko + d]
-            m = -np.inf
-            for s in range(m_keys):
-                acc = np.float32(0.0)
-                for d in range(head_dim):
-                    acc += q[d] * k[s, d]
-                p[s] = acc * scale32
-                m = max(m, p[s])
-            tot = np.float32(0.0)
-            for s in range(m_keys):
-                p[s] = math.exp(p[s] - m)
-                tot += p[s]
-            for d in range(head_dim):
-                o[d] = 0.0
-            for s in range(m_keys):
-                ps = p[s] / tot
-                for d in range(head_dim):
-                    o[d] += ps * v[s, d]
-            dst = o2[n, t]
-            for d in range(head_dim):
-                dst[out_col + ko + d] = o[d]
+    q = qkv.reshape(b, h * w, -1)[:, :, q_col:q_col + dim]
+    q += q_bias
+    kv += kv_bias
+    m_keys = kv.shape[1]
+    q_heads = q.reshape(b, h * w, heads, head_dim).transpose(0, 2, 1, 3)               # (B, heads, N, hd)
+    k_heads_t = kv[:, :, :dim].reshape(b, m_keys, heads, head_dim).transpose(0, 2, 3, 1)  # (B, heads, hd, M)
+    v_heads = kv[:, :, dim:].reshape(b, m_keys, heads, head_dim).transpose(0, 2, 1, 3)   # (B, heads, M, hd)
+    scores = scaled_softmax_rows(np.matmul(q_heads, k_heads_t), np.float32(scale))       # (B, heads, N, M)
+    o = out.reshape(b, h * w, -1)[:, :, out_col:out_col + dim]
+    np.matmul(scores, v_heads, out=o.reshape(b, h * w, heads, head_dim).transpose(0, 2, 1, 3))
     return out

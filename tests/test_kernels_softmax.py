@@ -1,0 +1,38 @@
+"""Scaled row softmax and the vectorised float32 exp vs float64 NumPy."""
+import numpy as np
+from hypothesis import example, given, strategies as st
+
+from qnalo.kernels import softmax as k
+from qnalo.kernels._jit import kernel
+from tolerances import assert_close
+
+
+@kernel()
+def _exp(x):
+    out = x.copy()
+    k.exp_inplace(out, np.empty(x.shape[0], np.int32))
+    return out
+
+
+def test_exp_relative_error_on_a_dense_grid():
+    x = np.linspace(-87, 88, 1_000_001, dtype=np.float32)
+    ref = np.exp(x.astype(np.float64))
+    rel = np.abs(_exp(x) - ref) / ref
+    assert rel.max() < 3e-7, f"max relative error {rel.max():.3g} at x={x[rel.argmax()]}"
+
+
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 100), m=st.integers(1, 200),
+       spread=st.sampled_from([0.1, 1.0, 30.0]), scale=st.sampled_from([1.0, 32 ** -0.5]))
+@example(seed=0, rows=1960, m=49, spread=5.0, scale=32 ** -0.5)   # LITv2-S layers.2 Lo-Fi, 10 heads
+@example(seed=1, rows=1, m=1, spread=1.0, scale=1.0)
+def test_scaled_softmax_rows(seed, rows, m, spread, scale):
+    s = (np.random.default_rng(seed).standard_normal((rows, m)) * spread).astype(np.float32)
+    ref = k.scaled_softmax_rows_ref(s.copy(), scale)
+    assert_close(k.scaled_softmax_rows(s, np.float32(scale)), ref, "attention")
+
+
+def test_nan_row_stays_nan():
+    s = np.zeros((2, 5), np.float32)
+    s[0, 2] = np.nan
+    out = k.scaled_softmax_rows(s, np.float32(1.0))
+    assert np.isnan(out[0]).all() and np.allclose(out[1], 0.2)
