@@ -1,4 +1,4 @@
-"""The `qnalo` command line. Subcommands: convert (more to come: classify, info, bench).
+"""The `qnalo` command line. Subcommands: convert, demo (more to come: classify, info, bench).
 
 Every subcommand registers itself in `_SUBCOMMANDS` with a function adding its arguments and one running it.
 An error on bad input prints one line, `qnalo: error: <message>`, to stderr and exits with status 1; usage
@@ -82,8 +82,68 @@ def _window_sizes(text):
     return sizes
 
 
+_DEMO_HELP = ("Build a model with seeded random weights, round-trip it through a qnalo weights file, run it with "
+              "the Numba kernels and the NumPy reference ops, and report their agreement and the latency.")
+
+
+def _add_demo_arguments(parser):
+    from qnalo import list_models
+
+    parser.add_argument("--model", default="litv2_s", choices=list_models(), help="variant (default: litv2_s)")
+    parser.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="images per batch (default: 1)")
+    parser.add_argument("--size", type=_positive_int, default=None, metavar="PX",
+                        help="image side (default: the variant's official resolution)")
+
+
+def _run_demo(args):
+    import os
+    import tempfile
+    import time
+
+    import numpy as np
+
+    import qnalo
+    from qnalo.models import MODEL_REGISTRY
+    from qnalo.models.litv2 import random_tensors
+    from qnalo.weights import save_weights
+
+    config = MODEL_REGISTRY[args.model][2]
+    size = args.size or config.img_size
+    print(f"{args.model}: seeded random weights (no trained weights ship yet), {size}x{size}, batch {args.batch}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"{args.model}.safetensors")
+        save_weights(path, random_tensors(config, seed=0), "litv2", config.to_dict(), source={"variant": args.model})
+        fast = qnalo.load(path)
+        reference = qnalo.load(path, backend="numpy")
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((args.batch, 3, size, size)).astype(np.float32)
+        start = time.perf_counter()
+        logits = fast(images)
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fast(images)
+            times.append(time.perf_counter() - start)
+        expected = reference(images)
+        parameters = fast.num_parameters
+        del fast, reference   # release the memory-mapped file before the folder goes
+    error = float(np.abs(logits - expected).max())
+    bound = 1e-4 * max(1.0, float(np.abs(expected).max()))
+    same_top1 = bool((logits.argmax(1) == expected.argmax(1)).all())
+    print(f"weights file round trip: {parameters:,} parameters written and memory-mapped back")
+    print(f"Numba kernels vs NumPy reference: max |dlogit| {error:.2e} (bound {bound:.2e}), "
+          f"top-1 {'identical' if same_top1 else 'DIFFERENT'}")
+    print(f"latency: first call {first * 1e3:.0f} ms (compiles the kernels on a machine's first run), "
+          f"then median {sorted(times)[2] * 1e3:.1f} ms for {args.batch} image(s)")
+    if error > bound or not same_top1:
+        raise QnaloError("the Numba kernels disagree with the NumPy reference beyond the parity bound")
+    return 0
+
+
 _SUBCOMMANDS = {
     "convert": (_CONVERT_HELP, _add_convert_arguments, _run_convert),
+    "demo": (_DEMO_HELP, _add_demo_arguments, _run_demo),
 }
 
 
