@@ -113,7 +113,7 @@ def test_other_variants_full_size(name, size):
 @pytest.mark.slow
 @pytest.mark.parametrize("out_norms", [(1, 2, 3), (0, 1, 2, 3)], ids=["detection", "segmentation"])
 def test_dense_backbone_features(out_norms):
-    _full_size("litv2_s", [(225, 230), (250, 333)], out_norms=out_norms)
+    _full_size("litv2_s", [(225, 230), (250, 333)], b=2, out_norms=out_norms)   # b=2: images run apart in stages 0-1
 
 
 # -- input handling --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from .ops import get_ops
 
 LN_EPS = 1e-5
 BN_EPS = 1e-5
+TOKENS_PER_GROUP = 4096   # stage-0 tokens per group of images in stages 0-1 (one 224 image is 3136)
 
 
 def engine_tensor_shapes(cfg: LITv2Config):
@@ -279,20 +280,41 @@ class LITv2:
         tokens += self.patch.bias
         return tokens, h, w
 
-    def _stages(self, x):
-        """Yields (tokens (B*h*w, C), h, w) of each stage before its downsampling."""
+    def _run_stage(self, i, tokens, b, h, w):
+        """The blocks of stage i on tokens (B*h*w, C), in place."""
+        blocks = self.stages[i]
+        first = blocks[0].first_norm
+        xn = self._ops.layernorm(tokens, first.weight, first.bias, LN_EPS, np.empty_like(tokens))
+        for j, blk in enumerate(blocks):
+            blk(self._ops, tokens, xn, b, h, w, blocks[j + 1].first_norm if j + 1 < len(blocks) else None)
+        return tokens
+
+    def _stages(self, x, keep_early=True):
+        """Yields (tokens (B*h*w, C), h, w) of each stage before its downsampling.
+
+        Stages 0-1 mix no tokens across images, so large maps run there a few images at a time: their 4C-wide
+        hidden buffers then stay in cache instead of streaming through memory (batch 8 at 224 would make
+        38 MB buffers). Stages 2-3 run on the whole batch, where larger GEMMs pay."""
         ops = self._ops
         b = x.shape[0]
-        tokens, h, w = self._patch_embed(x)
-        tokens = ops.layernorm(tokens, self.patch_norm.weight, self.patch_norm.bias, LN_EPS,
-                               np.empty_like(tokens))
-        for i, blocks in enumerate(self.stages):
-            xn = ops.layernorm(tokens, blocks[0].first_norm.weight, blocks[0].first_norm.bias, LN_EPS,
-                               np.empty_like(tokens))
-            for j, blk in enumerate(blocks):
-                nxt = blocks[j + 1].first_norm if j + 1 < len(blocks) else None
-                blk(ops, tokens, xn, b, h, w, nxt)
-            yield tokens, h, w
+        group = max(1, TOKENS_PER_GROUP // (-(-x.shape[2] // 4) * -(-x.shape[3] // 4)))
+        early, merged = ([], []), []
+        for start in range(0, b, group):
+            n = min(group, b - start)
+            tokens, h, w = self._patch_embed(x[start:start + n])
+            tokens = ops.layernorm(tokens, self.patch_norm.weight, self.patch_norm.bias, LN_EPS,
+                                   np.empty_like(tokens))
+            for i in (0, 1):
+                tokens = self._run_stage(i, tokens, n, h, w)
+                if keep_early:
+                    early[i].append((tokens, h, w))
+                tokens, h, w = self.downsamples[i](ops, tokens, n, h, w)
+            merged.append(tokens)
+        for parts in early if keep_early else ():
+            yield (np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]), *parts[0][1:]
+        tokens = np.concatenate(merged) if len(merged) > 1 else merged[0]
+        for i in (2, 3):
+            yield self._run_stage(i, tokens, b, h, w), h, w
             if i < 3:
                 tokens, h, w = self.downsamples[i](ops, tokens, b, h, w)
 
@@ -326,6 +348,6 @@ class LITv2:
         x = self._check_input(x)
         if x.shape[0] == 0:
             return np.zeros((0, self.config.num_classes), np.float32)
-        for tokens, _, _ in self._stages(x):
+        for tokens, _, _ in self._stages(x, keep_early=False):
             pass
         return self.forward_head(tokens, x.shape[0])
