@@ -8,12 +8,7 @@
     >>> feats = model.forward_features(images)            # 4 maps (B, C_i, H_i, W_i)
 """
 import dataclasses
-import os
 import warnings
-
-# Numba's OpenMP workers must sleep, not spin, between kernels: OpenBLAS needs the same cores for the GEMMs
-# that run in between (spinning workers made a 2-core forward pass 5x slower). Set before numba starts them.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError
 from .models import ARCHITECTURES, MODEL_REGISTRY

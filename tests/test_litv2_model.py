@@ -218,3 +218,28 @@ def test_numba_and_numpy_backends_agree_on_litv2_s():
         slow = qnalo.create_model("litv2_s", backend="numpy")
     x = _image(0, 1, 96, 128)
     assert_logits_close(fast(x), slow(x))
+
+
+def test_threads_share_a_model(tiny_model):
+    # the work-queue threading layer aborts on concurrent launches: the model must serialise them
+    import threading
+    model, _ = tiny_model
+    images = [_image(i, 2, 48, 40) for i in range(4)]
+    expected = [model(x) for x in images]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            results[i] = [model(images[i]) for _ in range(5)]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(4):
+        for out in results[i]:
+            np.testing.assert_array_equal(out, expected[i])
