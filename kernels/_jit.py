@@ -1,19 +1,15 @@
-"""The compile and launch settings every qnalo kernel shares."""
+"""The compile and launch settings every qnalo kernel shares.
+
+Kernels are serial Numba functions that release the GIL; the few with enough work are split by rows across a
+small pool of Python threads (`split_rows`). qnalo uses no Numba threading layer: the OpenMP layer shares the
+process's OpenMP runtime and made a LITv2-S forward pass 6x slower with PyTorch imported in the same process
+(580 vs 95 ms), and the work-queue layer cost ~160 us per launch and aborts on concurrent launches."""
 import functools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba as nb
-
-# Threading layer: Numba's own work queue unless the user chose one (NUMBA_THREADING_LAYER). The OpenMP layer
-# shares the process's OpenMP runtime: with PyTorch loaded in the same process it made a forward pass 6x slower
-# (580 vs 95 ms, LITv2-S); the work queue's workers sleep between kernels and leave the cores to BLAS.
-if not os.environ.get("NUMBA_THREADING_LAYER") and nb.config.THREADING_LAYER == "default":
-    nb.config.THREADING_LAYER = "workqueue"
-
-# The work queue aborts the process if two threads launch parallel kernels at once, so qnalo runs one
-# forward pass at a time per process; other threads wait (each pass already uses every core).
-launch_lock = threading.RLock()
 
 # Fast-math flags that let LLVM vectorise and reassociate, but keep NaN/Inf semantics (no nnan/ninf):
 # a NaN input propagates to the output instead of being silently turned into a number.
@@ -22,7 +18,45 @@ FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
 # error_model="numpy": float division by zero gives inf/nan instead of a Python exception; the exception
 # check inside a loop stops LLVM from vectorising it (erf-GELU went 4x slower with it).
 # cache=True: compiled machine code is kept next to the source (or in NUMBA_CACHE_DIR), so only the
-# first run on a machine compiles.
-kernel = functools.partial(nb.njit, cache=True, fastmath=FASTMATH, error_model="numpy")
-parallel_kernel = functools.partial(kernel, parallel=True)
+# first run on a machine compiles. nogil=True: kernels run in parallel from several threads.
+kernel = functools.partial(nb.njit, cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 inline_kernel = functools.partial(kernel, inline="always")
+
+
+def _default_threads():
+    for name in ("QNALO_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+NUM_THREADS = _default_threads()
+# Below this many element-operations per thread, waking a second thread costs more than it saves.
+MIN_WORK_PER_THREAD = 200_000
+
+_pool_lock = threading.Lock()
+_pool_state = {"pid": None, "pool": None}
+
+
+def _pool():
+    # one pool per process: threads do not survive fork, so a forked child makes its own
+    with _pool_lock:
+        if _pool_state["pid"] != os.getpid():
+            _pool_state["pool"] = ThreadPoolExecutor(max_workers=max(1, NUM_THREADS - 1),
+                                                     thread_name_prefix="qnalo")
+            _pool_state["pid"] = os.getpid()
+        return _pool_state["pool"]
+
+
+def split_rows(fn, n_rows, work_per_row, *args):
+    """Run fn(*args, start, stop) over rows [0, n_rows), split across threads when there is enough work.
+    The calling thread takes the first share itself."""
+    parts = min(NUM_THREADS, n_rows, max(1, n_rows * work_per_row // MIN_WORK_PER_THREAD))
+    if parts <= 1:
+        fn(*args, 0, n_rows)
+        return
+    bounds = [n_rows * k // parts for k in range(parts + 1)]
+    futures = [_pool().submit(fn, *args, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+    fn(*args, bounds[0], bounds[1])
+    for future in futures:
+        future.result()

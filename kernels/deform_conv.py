@@ -4,10 +4,9 @@ For output pixel (ho, wo) and tap k = 2i + j the sample point is y = 2ho + i + o
 (float32, as the official CUDA kernel computes it). A sample is 0 unless -1 < y < H and -1 < x < W; inside that
 band it is bilinear over the 4 integer neighbours, a neighbour outside the image contributing 0 (weights are not
 renormalised). The result, cols (B, Ho, Wo, 4, C), multiplied by the (4C, 2C) weight is the deformable conv."""
-import numba as nb
 import numpy as np
 
-from ._jit import parallel_kernel
+from ._jit import kernel
 
 
 def space_to_depth2_ref(x):
@@ -45,13 +44,13 @@ def deform_sample_ref(x, offsets):
     return cols.astype(x.dtype)
 
 
-@parallel_kernel()
+@kernel()
 def deform_sample(x, offsets):
     b, h, w, c = x.shape
     _, ho, wo, _ = offsets.shape
     cols = np.zeros((b, ho, wo, 4, c), dtype=x.dtype)
     one = np.float32(1.0)
-    for row in nb.prange(b * ho):
+    for row in range(b * ho):
         n = row // ho
         oy = row % ho
         for ox in range(wo):

@@ -2,10 +2,9 @@
 
 The fc1 bias is folded in here (`pre_bias`): fc1's GEMM leaves it out, and the conv adds it to every
 in-image sample, so zero padding stays zero exactly as in the official fc1 -> dwconv order."""
-import numba as nb
 import numpy as np
 
-from ._jit import parallel_kernel
+from ._jit import kernel, split_rows
 from .gelu import gelu32, gelu_ref
 
 
@@ -21,14 +20,20 @@ def dwconv3x3_gelu_ref(h, pre_bias, weight, bias):
     return gelu_ref(acc).astype(h.dtype)
 
 
-@parallel_kernel()
 def dwconv3x3_gelu(h, pre_bias, weight, bias):
     b, height, width, c = h.shape
     out = np.empty_like(h)
-    for row in nb.prange(b * height):
+    split_rows(_dwconv3x3_gelu_rows, b * height, 30 * width * c, h, pre_bias, weight, bias, out)
+    return out
+
+
+@kernel()
+def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
+    b, height, width, c = h.shape
+    acc = np.empty(c, dtype=np.float32)
+    for row in range(start, stop):
         n = row // height
         y = row % height
-        acc = np.empty(c, dtype=np.float32)
         for x in range(width):
             for j in range(c):
                 acc[j] = bias[j]
@@ -47,4 +52,3 @@ def dwconv3x3_gelu(h, pre_bias, weight, bias):
             dst = out[n, y, x]
             for j in range(c):
                 dst[j] = gelu32(acc[j])
-    return out

@@ -4,7 +4,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ._jit import inline_kernel, parallel_kernel
+from ._jit import inline_kernel, kernel
 
 # Rational approximation of erf on [-4, 4] (the float32 one of Eigen / XLA): erf(x) = x*P(x^2) / Q(x^2),
 # |error| < 5e-7 against math.erf (measured on a 2e5-point grid over [-6, 6]); outside [-4, 4] erf is +-1 to float32 precision.
@@ -55,10 +55,10 @@ def bias_gelu_ref(y, bias):
     return y
 
 
-@parallel_kernel()
+@kernel()
 def bias_gelu(y, bias):
     n, c = y.shape
-    for i in nb.prange(n):
+    for i in range(n):
         for j in range(c):
             y[i, j] = gelu32(y[i, j] + bias[j])
     return y

@@ -10,10 +10,9 @@ its Hi-Fi window), and it counts as a zero in the Lo-Fi ws x ws average. Queries
 The score scale multiplies q.k (not q), as in the official code."""
 import math
 
-import numba as nb
 import numpy as np
 
-from ._jit import parallel_kernel
+from ._jit import kernel
 from .softmax import scaled_softmax_rows
 
 
@@ -65,14 +64,14 @@ def lofi_attention_ref(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, 
     return out
 
 
-@parallel_kernel()
+@kernel()
 def window_avgpool(x, ws):
     b, h, w, c = x.shape
     gh = (h + ws - 1) // ws
     gw = (w + ws - 1) // ws
     pooled = np.zeros((b, gh, gw, c), dtype=x.dtype)
     inv = np.float32(1.0 / (ws * ws))
-    for row in nb.prange(b * gh):
+    for row in range(b * gh):
         n = row // gh
         gy = row % gh
         for gx in range(gw):
@@ -87,7 +86,7 @@ def window_avgpool(x, ws):
     return pooled
 
 
-@parallel_kernel()
+@kernel()
 def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
     b, h, w, _ = qkv.shape
     dim = heads * head_dim
@@ -95,7 +94,7 @@ def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
     gw = (w + ws - 1) // ws
     seq = ws * ws
     scale32 = np.float32(scale)
-    for task in nb.prange(b * gh * gw):
+    for task in range(b * gh * gw):
         n = task // (gh * gw)
         gy = (task // gw) % gh
         gx = task % gw

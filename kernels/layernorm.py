@@ -2,10 +2,9 @@
 
 Rows are tokens (N, C), float32, C-contiguous. Statistics are accumulated in float64 (two passes) so the
 kernel is at least as accurate as PyTorch's float32 LayerNorm."""
-import numba as nb
 import numpy as np
 
-from ._jit import inline_kernel, parallel_kernel
+from ._jit import inline_kernel, kernel, split_rows
 
 
 def layernorm_ref(x, weight, bias, eps, out=None):
@@ -48,28 +47,38 @@ def _normalise_row(x, weight, bias, eps, out):
         out[j] = np.float32((x[j] - mean) * inv) * weight[j] + bias[j]
 
 
-@parallel_kernel()
-def layernorm(x, weight, bias, eps, out):
-    for i in nb.prange(x.shape[0]):
+@kernel()
+def _layernorm_rows(x, weight, bias, eps, out, start, stop):
+    for i in range(start, stop):
         _normalise_row(x[i], weight, bias, eps, out[i])
+
+
+@kernel()
+def _residual_add_rows(x, y, bias, start, stop):
+    for i in range(start, stop):
+        for j in range(x.shape[1]):
+            x[i, j] += y[i, j] + bias[j]
+
+
+@kernel()
+def _residual_add_layernorm_rows(x, y, bias, weight, ln_bias, eps, out, start, stop):
+    for i in range(start, stop):
+        row = x[i]
+        for j in range(x.shape[1]):
+            row[j] += y[i, j] + bias[j]
+        _normalise_row(row, weight, ln_bias, eps, out[i])
+
+
+def layernorm(x, weight, bias, eps, out):
+    split_rows(_layernorm_rows, x.shape[0], 4 * x.shape[1], x, weight, bias, eps, out)
     return out
 
 
-@parallel_kernel()
 def residual_add(x, y, bias):
-    n, c = x.shape
-    for i in nb.prange(n):
-        for j in range(c):
-            x[i, j] += y[i, j] + bias[j]
+    split_rows(_residual_add_rows, x.shape[0], x.shape[1], x, y, bias)
     return x
 
 
-@parallel_kernel()
 def residual_add_layernorm(x, y, bias, weight, ln_bias, eps, out):
-    n, c = x.shape
-    for i in nb.prange(n):
-        row = x[i]
-        for j in range(c):
-            row[j] += y[i, j] + bias[j]
-        _normalise_row(row, weight, ln_bias, eps, out[i])
+    split_rows(_residual_add_layernorm_rows, x.shape[0], 5 * x.shape[1], x, y, bias, weight, ln_bias, eps, out)
     return out

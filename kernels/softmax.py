@@ -1,9 +1,8 @@
 """Row softmax with the attention scale, and a float32 exp that vectorises (math.exp is a scalar libm call:
 it made the Lo-Fi softmax 3x slower)."""
-import numba as nb
 import numpy as np
 
-from ._jit import inline_kernel, parallel_kernel
+from ._jit import inline_kernel, kernel
 
 # Cephes expf: exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r by a degree-7 polynomial.
 # Relative error < 3e-7 on [-87, 88] (measured on a 1e6-point grid against float64 exp).
@@ -38,12 +37,12 @@ def exp_inplace(x, bits):
         x[i] *= scaled[i]
 
 
-@parallel_kernel()
+@kernel()
 def scaled_softmax_rows(scores, scale):
     m_keys = scores.shape[-1]
     rows = scores.reshape(-1, m_keys)
     n_rows = rows.shape[0]
-    for task in nb.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+    for task in range((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         bits = np.empty(m_keys, np.int32)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             row = rows[i]

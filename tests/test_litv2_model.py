@@ -221,7 +221,7 @@ def test_numba_and_numpy_backends_agree_on_litv2_s():
 
 
 def test_threads_share_a_model(tiny_model):
-    # the work-queue threading layer aborts on concurrent launches: the model must serialise them
+    # kernels release the GIL and run concurrently: shared read-only weights, per-call buffers
     import threading
     model, _ = tiny_model
     images = [_image(i, 2, 48, 40) for i in range(4)]

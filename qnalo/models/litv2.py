@@ -8,8 +8,6 @@ zero-padded to a multiple of 4, HiLo pads each map to a multiple of its window, 
 """
 import numpy as np
 
-from qnalo.kernels._jit import launch_lock
-
 from ..errors import CheckpointError, InputError
 from .litv2_config import LITv2Config
 from .ops import get_ops
@@ -329,12 +327,11 @@ class LITv2:
             return [np.zeros((0, self.config.stage_dim(i), h, w), np.float32)
                     for i, (h, w) in enumerate(self.feature_sizes(*x.shape[2:]))]
         feats = []
-        with launch_lock:
-            for i, (tokens, h, w) in enumerate(self._stages(x)):
-                if i in self.out_norms:
-                    n = self.out_norms[i]
-                    tokens = self._ops.layernorm(tokens, n.weight, n.bias, LN_EPS, np.empty_like(tokens))
-                feats.append(np.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2)))
+        for i, (tokens, h, w) in enumerate(self._stages(x)):
+            if i in self.out_norms:
+                n = self.out_norms[i]
+                tokens = self._ops.layernorm(tokens, n.weight, n.bias, LN_EPS, np.empty_like(tokens))
+            feats.append(np.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2)))
         return feats
 
     def forward_head(self, tokens, b):
@@ -351,7 +348,6 @@ class LITv2:
         x = self._check_input(x)
         if x.shape[0] == 0:
             return np.zeros((0, self.config.num_classes), np.float32)
-        with launch_lock:
-            for tokens, _, _ in self._stages(x, keep_early=False):
-                pass
-            return self.forward_head(tokens, x.shape[0])
+        for tokens, _, _ in self._stages(x, keep_early=False):
+            pass
+        return self.forward_head(tokens, x.shape[0])
