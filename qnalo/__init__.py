@@ -15,6 +15,9 @@ from .models import ARCHITECTURES, MODEL_REGISTRY
 from .weights import read_weights
 
 __version__ = "0.1.0"
+# config fields that make a variant: a weights file must agree on them with the name it is loaded under
+ARCHITECTURE_FIELDS = ("embed_dim", "depths", "num_heads", "window_sizes", "mlp_ratio")
+
 __all__ = ["list_models", "create_model", "load", "QnaloError", "InputError", "CheckpointError",
            "UnsafeCheckpointError"]
 
@@ -26,7 +29,8 @@ def list_models():
 
 def create_model(name, weights=None, backend="numba", **overrides):
     """Build a registered variant. `weights`: a qnalo weights file (from `qnalo convert`); without it the
-    model gets random weights and a warning. `overrides` replace config fields (e.g. num_classes=10).
+    model gets random weights and a warning, and `overrides` may replace config fields (e.g. num_classes=10);
+    a weights file carries its own config, which must be this variant's architecture.
     backend: "numba" (fast kernels) or "numpy" (the plain reference ops)."""
     if name not in MODEL_REGISTRY:
         raise InputError(f"unknown model {name!r}; available: {', '.join(list_models())}")
@@ -43,14 +47,21 @@ def create_model(name, weights=None, backend="numba", **overrides):
                       "(see `qnalo convert`) for real predictions", stacklevel=2)
         from .models.litv2 import random_tensors
         return model_cls(config, random_tensors(config), backend=backend, source={"variant": name})
+    if overrides:
+        raise InputError(f"config overrides ({', '.join(sorted(overrides))}) apply to random weights only; "
+                         "a weights file carries its own config")
     tensors, architecture, file_config, source = read_weights(weights)
     if architecture != model_cls.architecture:
         raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; use qnalo.load(path)")
     file_config = config_cls.from_dict(file_config)
-    if not overrides:
-        # the file's own config wins for what the weights cannot express (img_size, out_norms, head split)
-        config = file_config
-    return model_cls(config, tensors, backend=backend, source=source)
+    different = [f.name for f in dataclasses.fields(config_cls) if f.name in ARCHITECTURE_FIELDS
+                 and getattr(file_config, f.name) != getattr(config, f.name)]
+    if different:
+        held = source.get("variant") or "a different configuration"
+        raise CheckpointError(f"{weights}: holds {held} weights, not {name} (differs in {', '.join(different)}); "
+                              "load it with qnalo.load(path)")
+    # the file's own config wins for what the variant leaves open: classes, dense norms, resolution
+    return model_cls(file_config, tensors, backend=backend, source=source)
 
 
 def load(path, backend="numba"):

@@ -243,3 +243,16 @@ def test_threads_share_a_model(tiny_model):
     for i in range(4):
         for out in results[i]:
             np.testing.assert_array_equal(out, expected[i])
+
+
+def test_create_model_checks_the_file_against_the_name(tmp_path):
+    from qnalo.models.litv2 import random_tensors
+    from qnalo.weights import save_weights
+    cfg = LITV2_VARIANTS["litv2_s"].replace(embed_dim=32, num_heads=(1, 2, 4, 8))
+    path = tmp_path / "small.safetensors"
+    save_weights(path, random_tensors(cfg), "litv2", cfg.to_dict(), source={"variant": None})
+    with pytest.raises(qnalo.CheckpointError, match="not litv2_s.*embed_dim, num_heads.*qnalo.load"):
+        qnalo.create_model("litv2_s", weights=path)
+    with pytest.raises(qnalo.InputError, match="random weights only"):
+        qnalo.create_model("litv2_s", weights=path, num_classes=3)
+    assert qnalo.load(path).config == cfg
