@@ -256,3 +256,13 @@ def test_create_model_checks_the_file_against_the_name(tmp_path):
     with pytest.raises(qnalo.InputError, match="random weights only"):
         qnalo.create_model("litv2_s", weights=path, num_classes=3)
     assert qnalo.load(path).config == cfg
+
+
+def test_runs_with_numba_jit_disabled():
+    # NUMBA_DISABLE_JIT=1 (debugging) runs every kernel as plain Python; results must not change
+    code = ("import warnings, numpy as np, qnalo; warnings.simplefilter('ignore');"
+            "kw = dict(embed_dim=8, num_heads=(1, 1, 1, 2), depths=(1, 1, 1, 1));"
+            "x = np.random.default_rng(0).random((2, 3, 33, 40), dtype=np.float32);"
+            "d = np.abs(qnalo.create_model('litv2_s', **kw)(x) - qnalo.create_model('litv2_s', backend='numpy', **kw)(x));"
+            "assert d.max() < 1e-5, d.max()")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "NUMBA_DISABLE_JIT": "1"})
