@@ -2,6 +2,7 @@
 
 The PyTorch reference (tests/reference/litv2_torch.py) has the official module names, so its state_dict() is an
 official checkpoint; the converter's key map turns it into the engine's layout."""
+import os
 import subprocess
 import sys
 import warnings
@@ -84,8 +85,7 @@ def test_parity_random_configs(cfg, seed, b, h, w, backend):
 def _full_size(name, sizes, b=1, seed=0, out_norms=None):
     cfg = LITV2_VARIANTS[name]
     if out_norms is not None:
-        import dataclasses
-        cfg = dataclasses.replace(cfg, num_classes=0, out_norms=out_norms)
+        cfg = cfg.replace(num_classes=0, out_norms=out_norms)
     ref = litv2_reference(name, out_norms=out_norms) if out_norms else litv2_reference(name)
     randomize_(ref, seed=seed, offset_std=1.0)
     model = _engine_from_reference(ref, cfg)
@@ -265,4 +265,4 @@ def test_runs_with_numba_jit_disabled():
             "x = np.random.default_rng(0).random((2, 3, 33, 40), dtype=np.float32);"
             "d = np.abs(qnalo.create_model('litv2_s', **kw)(x) - qnalo.create_model('litv2_s', backend='numpy', **kw)(x));"
             "assert d.max() < 1e-5, d.max()")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "NUMBA_DISABLE_JIT": "1"})
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "NUMBA_DISABLE_JIT": "1"})
