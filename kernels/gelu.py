@@ -1,7 +1,6 @@
 """Exact (erf) GELU: a float32 rational erf that vectorises, and the NumPy reference with math.erf."""
 import math
 
-import numba as nb
 import numpy as np
 
 from ._jit import inline_kernel, kernel
