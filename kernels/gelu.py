@@ -6,7 +6,8 @@ import numpy as np
 from ._jit import inline_kernel, kernel
 
 # Rational approximation of erf on [-4, 4] (the float32 one of Eigen / XLA): erf(x) = x*P(x^2) / Q(x^2),
-# |error| < 5e-7 against math.erf (measured on a 2e5-point grid over [-6, 6]); outside [-4, 4] erf is +-1 to float32 precision.
+# |error| < 5e-7 against math.erf (measured on a 2e5-point grid over [-6, 6]); outside [-4, 4] erf is +-1
+# to float32 precision.
 _ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 _BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
