@@ -12,6 +12,7 @@ import warnings
 
 from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError
 from .models import ARCHITECTURES, MODEL_REGISTRY
+from .models.ops import get_ops
 from .weights import read_weights
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ def create_model(name, weights=None, backend="numba", **overrides):
         config = config.replace(**overrides)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid config overrides for {name}: {exc}") from None
+    get_ops(backend)   # an unknown backend fails before any weights are made or read
     if weights is None:
         warnings.warn(f"qnalo: {name} created with random weights; pass weights= a converted file "
                       "(see `qnalo convert`) for real predictions", stacklevel=2)

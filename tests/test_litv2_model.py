@@ -266,3 +266,8 @@ def test_runs_with_numba_jit_disabled():
             "d = np.abs(qnalo.create_model('litv2_s', **kw)(x) - qnalo.create_model('litv2_s', backend='numpy', **kw)(x));"
             "assert d.max() < 1e-5, d.max()")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "NUMBA_DISABLE_JIT": "1"})
+
+
+def test_unknown_backend():
+    with pytest.raises(qnalo.InputError, match="numba.*numpy|numpy.*numba"):
+        qnalo.create_model("litv2_s", backend="cuda", embed_dim=8, num_heads=(1, 1, 1, 2))

@@ -4,6 +4,7 @@ backend="numpy" runs the whole network on the references: slow, simple, and what
 against; it is the middle link of the parity chain PyTorch <-> NumPy reference <-> Numba kernels."""
 from types import SimpleNamespace
 
+from qnalo.errors import InputError
 from qnalo.kernels import deform_conv, dwconv_gelu, gelu, hilo, layernorm
 
 NUMBA = SimpleNamespace(
@@ -37,4 +38,4 @@ def get_ops(backend):
     try:
         return BACKENDS[backend]
     except KeyError:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
+        raise InputError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
