@@ -21,3 +21,4 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def torch():
     return pytest.importorskip("torch")
+

@@ -5,7 +5,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from qnalo.weights_converter.convert import convert
 from qnalo.weights_converter.litv2 import (infer_litv2_config, litv2_engine_tensors, litv2_official_shapes,
                                            litv2_variant)
 from tolerances import assert_logits_close
+from fake_modules import install_fake_yacs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,11 +133,7 @@ def fake_yacs(monkeypatch):
     class CfgNode(dict):
         pass
 
-    package, module = types.ModuleType("yacs"), types.ModuleType("yacs.config")
-    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
-    module.CfgNode, package.config = CfgNode, module
-    monkeypatch.setitem(sys.modules, "yacs", package)
-    monkeypatch.setitem(sys.modules, "yacs.config", module)
+    install_fake_yacs(monkeypatch, CfgNode)
 
     def make(tree):
         return CfgNode({k: make(v) if isinstance(v, dict) else v for k, v in tree.items()})

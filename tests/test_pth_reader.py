@@ -6,7 +6,6 @@ import pickle
 import subprocess
 import sys
 import tempfile
-import types
 import zipfile
 
 import numpy as np
@@ -15,6 +14,7 @@ from hypothesis import given, strategies as st
 
 from qnalo.errors import CheckpointError, UnsafeCheckpointError
 from qnalo.weights_converter.pth_reader import ForeignObject, load_pth
+from fake_modules import install_fake_yacs
 
 
 def write_archive(path, data_pkl, storages=None, folder="archive", byteorder=b"little", extra=None,
@@ -204,11 +204,7 @@ def fake_yacs(monkeypatch, tmp_path):
             super().__init__(*args)
             self.__dict__["__immutable__"] = False
 
-    package, module = types.ModuleType("yacs"), types.ModuleType("yacs.config")
-    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
-    module.CfgNode, package.config = CfgNode, module
-    monkeypatch.setitem(sys.modules, "yacs", package)
-    monkeypatch.setitem(sys.modules, "yacs.config", module)
+    install_fake_yacs(monkeypatch, CfgNode)
 
     def make(tree):
         node = dict.__new__(CfgNode)
