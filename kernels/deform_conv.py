@@ -6,7 +6,7 @@ band it is bilinear over the 4 integer neighbours, a neighbour outside the image
 renormalised). The result, cols (B, Ho, Wo, 4, C), multiplied by the (4C, 2C) weight is the deformable conv."""
 import numpy as np
 
-from ._jit import kernel
+from ._jit import kernel, split_rows
 
 
 def space_to_depth2_ref(x):
@@ -44,13 +44,20 @@ def deform_sample_ref(x, offsets):
     return cols.astype(x.dtype)
 
 
-@kernel()
 def deform_sample(x, offsets):
-    b, h, w, c = x.shape
+    b, _, _, c = x.shape
     _, ho, wo, _ = offsets.shape
     cols = np.zeros((b, ho, wo, 4, c), dtype=x.dtype)
+    split_rows(_deform_sample_rows, b * ho, 16 * wo * c, x, offsets, cols)
+    return cols
+
+
+@kernel()
+def _deform_sample_rows(x, offsets, cols, start, stop):
+    b, h, w, c = x.shape
+    _, ho, wo, _ = offsets.shape
     one = np.float32(1.0)
-    for row in range(b * ho):
+    for row in range(start, stop):
         n = row // ho
         oy = row % ho
         for ox in range(wo):
@@ -79,4 +86,3 @@ def deform_sample(x, offsets):
                         src = x[n, yy, xx]
                         for j in range(c):
                             dst[j] += wgt * src[j]
-    return cols

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ._jit import kernel
+from ._jit import kernel, split_rows
 from .softmax import scaled_softmax_rows
 
 
@@ -86,23 +86,30 @@ def window_avgpool(x, ws):
     return pooled
 
 
-@kernel()
 def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
+    b, h, w, _ = qkv.shape
+    windows = b * -(-h // ws) * -(-w // ws)
+    split_rows(_hifi_windows, windows, 4 * ws ** 4 * heads * head_dim, qkv, qkv_bias, ws, heads, head_dim,
+               np.float32(scale), out)
+    return out
+
+
+@kernel()
+def _hifi_windows(qkv, qkv_bias, ws, heads, head_dim, scale32, out, start, stop):
     b, h, w, _ = qkv.shape
     dim = heads * head_dim
     gh = (h + ws - 1) // ws
     gw = (w + ws - 1) // ws
     seq = ws * ws
-    scale32 = np.float32(scale)
-    for task in range(b * gh * gw):
+    q = np.empty((seq, head_dim), dtype=np.float32)
+    k = np.empty((seq, head_dim), dtype=np.float32)
+    v = np.empty((seq, head_dim), dtype=np.float32)
+    p = np.empty(seq, dtype=np.float32)
+    o = np.empty(head_dim, dtype=np.float32)
+    for task in range(start, stop):
         n = task // (gh * gw)
         gy = (task // gw) % gh
         gx = task % gw
-        q = np.empty((seq, head_dim), dtype=np.float32)
-        k = np.empty((seq, head_dim), dtype=np.float32)
-        v = np.empty((seq, head_dim), dtype=np.float32)
-        p = np.empty(seq, dtype=np.float32)
-        o = np.empty(head_dim, dtype=np.float32)
         for hd in range(heads):
             qo = hd * head_dim
             ko = dim + qo
@@ -146,7 +153,6 @@ def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
                 dst = out[n, y, x]
                 for d in range(head_dim):
                     dst[qo + d] = o[d]
-    return out
 
 
 def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
