@@ -1,0 +1,42 @@
+"""Row splitting across threads (kernels/_jit.split_rows) gives bit-identical results to one thread."""
+import numpy as np
+import pytest
+
+from qnalo.kernels import _jit, deform_conv, dwconv_gelu, hilo, layernorm, softmax
+
+
+def _all_kernels(rng):
+    x = rng.standard_normal((37, 24)).astype(np.float32)
+    y = rng.standard_normal((37, 24)).astype(np.float32)
+    w, b = rng.standard_normal(24).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    img = rng.standard_normal((2, 9, 7, 6)).astype(np.float32)
+    offsets = (rng.standard_normal((2, 4, 3, 8)) * 3).astype(np.float32)
+    qkv = rng.standard_normal((2, 7, 9, 3 * 2 * 4)).astype(np.float32)
+    qkv_bias = rng.standard_normal(3 * 2 * 4).astype(np.float32)
+    return {
+        "layernorm": layernorm.layernorm(x, w, b, 1e-5, np.empty_like(x)),
+        "residual_add": layernorm.residual_add(x.copy(), y, b),
+        "residual_add_layernorm": layernorm.residual_add_layernorm(x.copy(), y, b, w, b, 1e-5, np.empty_like(x)),
+        "softmax": softmax.scaled_softmax_rows(x.copy(), np.float32(0.3)),
+        "dwconv": dwconv_gelu.dwconv3x3_gelu(img, img[0, 0, 0], np.ones((3, 3, 6), np.float32), img[1, 1, 1]),
+        "deform": deform_conv.deform_sample(img, offsets),
+        "hifi": hilo.hifi_attention(qkv, qkv_bias, 2, 2, 4, 0.5, np.zeros((2, 7, 9, 8), np.float32)),
+    }
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_split_matches_single_thread(monkeypatch, threads):
+    single = _all_kernels(np.random.default_rng(0))
+    monkeypatch.setattr(_jit, "NUM_THREADS", threads)
+    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    split = _all_kernels(np.random.default_rng(0))
+    for name in single:
+        np.testing.assert_array_equal(split[name], single[name], err_msg=name)
+
+
+def test_split_rows_covers_every_row_once(monkeypatch):
+    monkeypatch.setattr(_jit, "NUM_THREADS", 4)
+    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    seen = []
+    _jit.split_rows(lambda start, stop: seen.extend(range(start, stop)), 10, 1)
+    assert sorted(seen) == list(range(10))
