@@ -17,3 +17,21 @@ class CheckpointError(QnaloError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickle that asks for something outside the allow-list of a state dict."""
+
+
+def name_list(names, limit=10):
+    """'a, b, c' naming at most `limit` items, then 'and N more'."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def key_mismatches(shapes, expected, limit=10):
+    """Compare name -> shape maps: ["missing keys: ...", "unexpected keys: ...", "wrong shapes: ..."], each
+    present only when non-empty and naming at most `limit` keys. Empty when `shapes` fits `expected`."""
+    missing = [key for key in expected if key not in shapes]
+    unexpected = [key for key in shapes if key not in expected]
+    wrong = [f"{key} {shapes[key]} (expected {expected[key]})"
+             for key in shapes if key in expected and shapes[key] != expected[key]]
+    return [f"{what}: {name_list(items, limit)}" for what, items in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]

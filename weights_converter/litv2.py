@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from qnalo.errors import CheckpointError
+from qnalo.errors import CheckpointError, key_mismatches, name_list
 from qnalo.models.litv2_config import LITV2_VARIANTS, LITv2Config
 
 HEAD_DIM = 32
@@ -39,8 +39,8 @@ def not_litv2_reason(state_dict):
     missing = [key for key in SIGNATURE_KEYS if key not in state_dict]
     if not missing:
         return None
-    found = _names(sorted(state_dict), limit=5) or "none"
-    return f"does not look like a LITv2 checkpoint: no {_names(missing)} (keys found: {found})"
+    found = name_list(sorted(state_dict), limit=5) or "none"
+    return f"does not look like a LITv2 checkpoint: no {name_list(missing)} (keys found: {found})"
 
 
 def convert_litv2(state_dict, file_name="", yacs_config=None, img_size=None, window_sizes=None, head_dim=HEAD_DIM):
@@ -96,13 +96,8 @@ def litv2_engine_tensors(state_dict, config):
     The keys must be exactly those of `config` (num_batches_tracked counters aside, which are dropped); a
     missing, unexpected or mis-shaped key raises CheckpointError naming it."""
     layout = litv2_official_shapes(config)
-    present = [key for key in state_dict if not is_training_counter(key)]
-    missing = [key for key in layout if key not in state_dict]
-    unexpected = [key for key in present if key not in layout]
-    misshaped = [f"{key} {tuple(np.shape(state_dict[key]))} (expected {layout[key]})"
-                 for key in present if key in layout and tuple(np.shape(state_dict[key])) != layout[key]]
-    problems = [f"{what}: {_names(names)}" for what, names in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)) if names]
+    present = {key: tuple(np.shape(value)) for key, value in state_dict.items() if not is_training_counter(key)}
+    problems = key_mismatches(present, layout)
     if problems:
         raise CheckpointError(f"the state dict does not match the LITv2 configuration: {'; '.join(problems)}")
     tensors = {}
@@ -178,7 +173,7 @@ def _depths(state_dict):
             blocks[int(match.group(1))].add(int(match.group(2)))
     empty = [f"layers.{i}.blocks" for i in range(4) if not blocks[i]]
     if empty:
-        raise CheckpointError(f"does not look like a LITv2 checkpoint: no {_names(empty)}")
+        raise CheckpointError(f"does not look like a LITv2 checkpoint: no {name_list(empty)}")
     return [max(indices) + 1 for indices in blocks]  # a gap shows up as missing keys later
 
 
@@ -257,9 +252,3 @@ def _yacs_value(node, *path):
             return None
         node = node[name]
     return node
-
-
-def _names(names, limit=10):
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

@@ -8,7 +8,7 @@ zero-padded to a multiple of 4, HiLo pads each map to a multiple of its window, 
 """
 import numpy as np
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, key_mismatches
 from .litv2_config import LITv2Config
 from .ops import get_ops
 
@@ -61,16 +61,7 @@ def engine_tensor_shapes(cfg: LITv2Config):
 
 def check_tensors(tensors, cfg: LITv2Config, where="weights"):
     """Missing, unexpected or mis-shaped tensors are one error that names them."""
-    expected = engine_tensor_shapes(cfg)
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    misshaped = [f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
-                 for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if names:
-            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-            problems.append(f"{len(names)} {label}: {shown}")
+    problems = key_mismatches({k: tuple(v.shape) for k, v in tensors.items()}, engine_tensor_shapes(cfg))
     if problems:
         raise CheckpointError(f"{where} do not fit this LITv2 config: " + "; ".join(problems))
 
