@@ -77,6 +77,21 @@ def read_weights(path):
     return tensors, meta["architecture"], meta["config"], meta["source"]
 
 
+def release_pages(array):
+    """Drop this process's mapping of the file pages behind `array`, a view of a file `read_weights` mapped,
+    once its data has been copied elsewhere (packed for the kernels): the pages stop counting in this process's
+    memory (the OS keeps them cached), so loading does not hold the weights twice. Any other array: no-op.
+    The view stays valid; reading it again maps the pages back in."""
+    owner = array
+    while owner is not None and not isinstance(owner, mmap.mmap):
+        owner = owner.obj if isinstance(owner, memoryview) else getattr(owner, "base", None)
+    if owner is None or array.nbytes == 0 or not hasattr(owner, "madvise"):
+        return
+    start = array.ctypes.data - np.frombuffer(owner, np.uint8, count=1).ctypes.data
+    first_page = start - start % mmap.PAGESIZE
+    owner.madvise(mmap.MADV_DONTNEED, first_page, start + array.nbytes - first_page)
+
+
 def read_metadata(path):
     """Parse and check the header of a qnalo file without touching its tensors."""
     with _open_checked(path) as f:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from qnalo.kernels import _jit, deform_conv, dwconv_gelu, hilo, layernorm, softmax
+from qnalo.kernels import _jit, deform_conv, dwconv_gelu, gemm, hilo, layernorm, softmax
 
 
 def _all_kernels(rng):
@@ -13,7 +13,9 @@ def _all_kernels(rng):
     offsets = (rng.standard_normal((2, 4, 3, 8)) * 3).astype(np.float32)
     qkv = rng.standard_normal((2, 7, 9, 3 * 2 * 4)).astype(np.float32)
     qkv_bias = rng.standard_normal(3 * 2 * 4).astype(np.float32)
+    weight = gemm.PackedWeight(rng.standard_normal((24, 100)).astype(np.float32))   # 7 panels
     return {
+        "gemm": gemm.matmul(x, weight),
         "layernorm": layernorm.layernorm(x, w, b, 1e-5, np.empty_like(x)),
         "residual_add": layernorm.residual_add(x.copy(), y, b),
         "residual_add_layernorm": layernorm.residual_add_layernorm(x.copy(), y, b, w, b, 1e-5, np.empty_like(x)),

@@ -81,7 +81,7 @@ def test_hilo_attention(seed, heads, head_dim, ws, alpha, b, h, w):
         return  # stage 2 of a LITv2 has 4 * embed_dim channels
     tensors = {f"attn.{k}": (v.detach().numpy().T.copy() if k.endswith("weight") else v.detach().numpy())
                for k, v in module.state_dict().items()}
-    attn = HiLoAttention(tensors, "attn.", cfg, 2)
+    attn = HiLoAttention(NUMPY, tensors, "attn.", cfg, 2)
     x = _rand(np.random.default_rng(seed), b, h * w, dim)
     with torch.no_grad():
         ref = module(torch.from_numpy(x), h, w).numpy()

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import qnalo
 from qnalo.errors import CheckpointError
-from qnalo.weights import read_metadata, read_weights, save_weights
+from qnalo.weights import read_metadata, read_weights, release_pages, save_weights
 
 TENSORS = {"a.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "a.bias": np.ones(4, np.float32),
            "empty": np.zeros((0, 5), np.float32)}
@@ -108,3 +108,24 @@ def test_truncated_or_flipped_files_fail_cleanly(good_file, cut, flip, byte):
         # be well-formed views inside the file
         for value in tensors.values():
             assert value.dtype == np.float32 and not value.flags.writeable and value.nbytes <= len(variant)
+
+
+def _resident_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
+def test_release_pages_drops_the_mapping_but_keeps_the_data(tmp_path):
+    big = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)   # 16 MiB
+    path = tmp_path / "big.safetensors"
+    save_weights(path, {"small": np.ones(3, np.float32), "big": big}, "litv2", CONFIG)
+    tensors, *_ = read_weights(path)
+    checksum = float(tensors["big"].sum(dtype=np.float64))   # maps every page in
+    touched = _resident_mib()
+    release_pages(tensors["big"])
+    assert touched - _resident_mib() > 12, "the 16 MiB tensor's pages are still mapped"
+    np.testing.assert_array_equal(tensors["big"], big)        # mapped back in on demand
+    np.testing.assert_array_equal(tensors["small"], np.ones(3))
+    assert float(tensors["big"].sum(dtype=np.float64)) == checksum
+    release_pages(big)                                        # not file-backed: a no-op

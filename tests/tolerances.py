@@ -11,6 +11,7 @@ TOLERANCES = {
     ("deform_conv", "float32"): (1e-5, 1e-4),
     ("hilo", "float32"): (1e-5, 1e-4),
     ("attention", "float32"): (1e-5, 1e-4),
+    ("gemm", "float32"): (1e-5, 1e-5),            # vs float64, outputs O(1): K=3072 measured max 2.5e-6
     # NumPy/Numba engine vs the PyTorch reference, end to end in float32: the bar.
     ("logits", "float32"): (1e-4, 0.0),          # scaled by max(1, max|logit|) in assert_logits_close
     ("features", "float32"): (1e-4, 0.0),        # same relative bound, scaled by max(1, max|feature|)

@@ -9,6 +9,7 @@ zero-padded to a multiple of 4, HiLo pads each map to a multiple of its window, 
 import numpy as np
 
 from ..errors import CheckpointError, InputError, key_mismatches
+from ..weights import release_pages
 from .litv2_config import LITv2Config
 from .ops import get_ops
 
@@ -85,14 +86,17 @@ def random_tensors(cfg: LITv2Config, seed=0):
 
 
 class _Linear:
-    """y = x @ weight (+ bias, added by whichever kernel consumes y)."""
+    """y = x @ weight (+ bias, added by whichever kernel consumes y), on the backend's GEMM."""
 
-    def __init__(self, weight, bias):
-        self.weight = weight   # (in, out) float32
-        self.bias = bias       # (out,)
+    def __init__(self, ops, weight, bias):
+        self.weight = ops.pack_weight(weight)   # (in, out) float32, in the backend's layout
+        self.bias = bias                        # (out,)
+        self._matmul = ops.matmul
+        if self.weight is not weight:           # packed into a copy: the file's pages are no longer needed
+            release_pages(weight)
 
-    def matmul(self, x):
-        return x @ self.weight
+    def matmul(self, x, out=None):
+        return self._matmul(x, self.weight, out)
 
 
 class _Norm:
@@ -105,14 +109,13 @@ class HiLoAttention:
     """Hi-Fi heads attend inside ws x ws windows, Lo-Fi heads attend to ws x ws average-pooled keys/values;
     output channels are [Hi-Fi | Lo-Fi], each branch with its own output projection."""
 
-    def __init__(self, t, prefix, cfg, stage):
+    def __init__(self, ops, t, prefix, cfg, stage):
         self.ws = cfg.window_sizes[stage]
         self.head_dim = cfg.head_dim(stage)
         self.scale = self.head_dim ** -0.5
         self.hi_heads, self.lo_heads = cfg.hi_heads(stage), cfg.lo_heads[stage]
         self.hi_dim, self.lo_dim = self.hi_heads * self.head_dim, self.lo_heads * self.head_dim
-        # the file's tensors are used as they are (no fused copies), so a memory-mapped file is never duplicated
-        lin = lambda name: _Linear(t[prefix + name + ".weight"], t[prefix + name + ".bias"])  # noqa: E731
+        lin = lambda name: _Linear(ops, t[prefix + name + ".weight"], t[prefix + name + ".bias"])  # noqa: E731
         if self.hi_heads:
             self.h_qkv, self.h_proj = lin("h_qkv"), lin("h_proj")
         if self.lo_heads:
@@ -137,20 +140,20 @@ class HiLoAttention:
         heads_out = heads_out.reshape(-1, c)
         out = np.empty_like(heads_out)
         if self.hi_heads:
-            np.matmul(heads_out[:, :self.hi_dim], self.h_proj.weight, out=out[:, :self.hi_dim])
+            self.h_proj.matmul(heads_out[:, :self.hi_dim], out[:, :self.hi_dim])
         if self.lo_heads:
-            np.matmul(heads_out[:, self.hi_dim:], self.l_proj.weight, out=out[:, self.hi_dim:])
+            self.l_proj.matmul(heads_out[:, self.hi_dim:], out[:, self.hi_dim:])
         return out, self.proj_bias
 
 
 class ConvFFN:
     """fc1 -> depthwise 3x3 (zero pad 1) -> exact GELU -> fc2."""
 
-    def __init__(self, t, prefix):
-        self.fc1 = _Linear(t[prefix + "fc1.weight"], t[prefix + "fc1.bias"])
+    def __init__(self, ops, t, prefix):
+        self.fc1 = _Linear(ops, t[prefix + "fc1.weight"], t[prefix + "fc1.bias"])
         self.dw_weight = t[prefix + "dwconv.dwconv.weight"]
         self.dw_bias = t[prefix + "dwconv.dwconv.bias"]
-        self.fc2 = _Linear(t[prefix + "fc2.weight"], t[prefix + "fc2.bias"])
+        self.fc2 = _Linear(ops, t[prefix + "fc2.weight"], t[prefix + "fc2.bias"])
 
     def __call__(self, ops, xn, b, h, w):
         hidden = self.fc1.matmul(xn).reshape(b, h, w, -1)
@@ -161,11 +164,11 @@ class ConvFFN:
 class Block:
     """Pre-norm residual block: [x + HiLo(norm1 x)], x + ConvFFN(norm2 x). Stages 0-1 have no attention."""
 
-    def __init__(self, t, prefix, cfg, stage):
-        self.attn = HiLoAttention(t, prefix + "attn.", cfg, stage) if cfg.window_sizes[stage] else None
+    def __init__(self, ops, t, prefix, cfg, stage):
+        self.attn = HiLoAttention(ops, t, prefix + "attn.", cfg, stage) if cfg.window_sizes[stage] else None
         self.norm1 = _Norm(t, prefix + "norm1") if self.attn else None
         self.norm2 = _Norm(t, prefix + "norm2")
-        self.mlp = ConvFFN(t, prefix + "mlp.")
+        self.mlp = ConvFFN(ops, t, prefix + "mlp.")
 
     @property
     def first_norm(self):
@@ -187,14 +190,15 @@ class DTM:
     """Deformable token merging: offsets from a 2x2/s2 conv, DCNv1 2x2/s2 sampling, BatchNorm (folded into the
     deformable conv's weights at load time), GELU. Halves H and W (floor), doubles C."""
 
-    def __init__(self, t, prefix):
-        self.offset = _Linear(t[prefix + "dconv.conv_offset.weight"], t[prefix + "dconv.conv_offset.bias"])
+    def __init__(self, ops, t, prefix):
+        self.offset = _Linear(ops, t[prefix + "dconv.conv_offset.weight"], t[prefix + "dconv.conv_offset.bias"])
         scale = t[prefix + "norm_layer.weight"].astype(np.float64) / np.sqrt(
             t[prefix + "norm_layer.running_var"].astype(np.float64) + BN_EPS)
         weight = t[prefix + "dconv.weight"].astype(np.float64) * scale
         bias = (t[prefix + "dconv.bias"] - t[prefix + "norm_layer.running_mean"]) * scale \
             + t[prefix + "norm_layer.bias"]
-        self.conv = _Linear(weight.astype(np.float32), bias.astype(np.float32))
+        self.conv = _Linear(ops, weight.astype(np.float32), bias.astype(np.float32))
+        release_pages(t[prefix + "dconv.weight"])   # folded into a copy
 
     def __call__(self, ops, x, b, h, w):
         c = x.shape[1]
@@ -221,15 +225,15 @@ class LITv2:
         self.source = source or {}
         self.backend = backend
         self._ops = get_ops(backend)
-        self.patch = _Linear(t["patch_embed.proj.weight"], t["patch_embed.proj.bias"])
+        self.patch = _Linear(self._ops, t["patch_embed.proj.weight"], t["patch_embed.proj.bias"])
         self.patch_norm = _Norm(t, "patch_embed.norm")
-        self.stages = [[Block(t, f"layers.{i}.blocks.{j}.", cfg, i) for j in range(cfg.depths[i])]
+        self.stages = [[Block(self._ops, t, f"layers.{i}.blocks.{j}.", cfg, i) for j in range(cfg.depths[i])]
                        for i in range(4)]
-        self.downsamples = [DTM(t, f"layers.{i}.downsample.") for i in range(3)]
+        self.downsamples = [DTM(self._ops, t, f"layers.{i}.downsample.") for i in range(3)]
         self.out_norms = {i: _Norm(t, f"norm{i}") for i in cfg.out_norms}
         if cfg.num_classes:
             self.norm = _Norm(t, "norm")
-            self.head = _Linear(t["head.weight"], t["head.bias"])
+            self.head = _Linear(self._ops, t["head.weight"], t["head.bias"])
         self.num_parameters = int(sum(v.size for k, v in tensors.items()
                                       if not k.endswith(("running_mean", "running_var"))))
 

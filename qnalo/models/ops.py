@@ -5,9 +5,11 @@ against; it is the middle link of the parity chain PyTorch <-> NumPy reference <
 from types import SimpleNamespace
 
 from qnalo.errors import InputError
-from qnalo.kernels import deform_conv, dwconv_gelu, gelu, hilo, layernorm
+from qnalo.kernels import deform_conv, dwconv_gelu, gelu, gemm, hilo, layernorm
 
 NUMBA = SimpleNamespace(
+    pack_weight=gemm.PackedWeight,
+    matmul=gemm.matmul,
     layernorm=layernorm.layernorm,
     residual_add=layernorm.residual_add,
     residual_add_layernorm=layernorm.residual_add_layernorm,
@@ -20,6 +22,8 @@ NUMBA = SimpleNamespace(
 )
 
 NUMPY = SimpleNamespace(
+    pack_weight=lambda w: w,
+    matmul=gemm.matmul_ref,
     layernorm=layernorm.layernorm_ref,
     residual_add=layernorm.residual_add_ref,
     residual_add_layernorm=layernorm.residual_add_layernorm_ref,

@@ -1,0 +1,194 @@
+"""float32 GEMM with pre-packed weights: y (M, N) = x (M, K) @ w (K, N), the NumPy reference being x @ w.
+
+Every linear layer of a model multiplies activations by a fixed weight, so the weight is packed once, at
+load time, into panels of 16 columns, (P, K, 16), P = ceil(N / 16), zero-padded: a micro-kernel then reads
+it as one contiguous stream. The loop nest is BLIS's, with the weight already packed and x read in place:
+
+    for each K block (KC)            -> the later blocks add into y
+      for each M block (MC)          -> x[rows, K block] stays in L2
+        for each weight panel        -> KC x 16, stays in L1 while
+          for each 6 rows            -> a 6x16 tile of y: 12 vec8 accumulators in registers
+
+Threads split the rows (large M) or the panels (small M) between them; each output element is summed in
+the same order either way, so the result does not depend on the thread count.
+
+Alone, on the LITv2 shapes, it runs level with NumPy's OpenBLAS (benchmarks/bench_gemm.py: 0.9-1.15x its time
+on the large shapes, 1.3-1.4x on the small ones, where the thread hand-off is a larger share). In a whole
+LITv2-S pass it is faster: it leaves no BLAS threads spinning on the other core after each call, which had
+slowed the Numba kernels that run between the GEMMs."""
+import numpy as np
+
+from . import _jit
+from ._jit import kernel, split_rows
+from .simd import vadd, vbroadcast, vfma, vload, vstore, vzero
+
+MR, NR = 6, 16          # micro-tile: 6 rows x 16 columns = 12 accumulators of 8 lanes (+2 B, 1 A: 15 of 16 ymm)
+KC = 256                # K block: the 16 x KC weight panel (16 KiB) stays in L1
+MC = 120                # M block: x's 120 x 256 block (120 KiB) stays in L2 while the panels pass over it
+
+
+def matmul_ref(x, w, out=None):
+    """The reference: x (M, K) @ w (K, N) -> (M, N) float32, into `out` when given."""
+    return np.matmul(x, w, out=out)
+
+
+class PackedWeight:
+    """A (K, N) float32 weight packed into (P, K, 16) column panels for `matmul`."""
+
+    def __init__(self, w):
+        k, n = w.shape
+        p = -(-n // NR)
+        padded = np.zeros((k, p * NR), np.float32)
+        padded[:, :n] = w
+        self.panels = np.ascontiguousarray(padded.reshape(k, p, NR).transpose(1, 0, 2))   # (P, K, 16)
+        self.shape = (k, n)
+
+    def unpack(self):
+        k, n = self.shape
+        return self.panels.transpose(1, 0, 2).reshape(k, -1)[:, :n]
+
+
+@kernel()
+def _pack_rows(x, i0, mc, k0, kc, out):
+    """x[i0:i0+mc, k0:k0+kc] -> out as ceil(mc/6) micro-panels (kc, 6), rows past mc zero."""
+    for t in range((mc + MR - 1) // MR):
+        base = t * kc * MR
+        for r in range(MR):
+            i = t * MR + r
+            if i < mc:
+                for k in range(kc):
+                    out[base + k * MR + r] = x[i0 + i, k0 + k]
+            else:
+                for k in range(kc):
+                    out[base + k * MR + r] = np.float32(0.0)
+
+
+@kernel()
+def _rank1(a, ia, rs, b, ib, acc):
+    """acc += a[ia + r*rs for r < 6]^T (x) b[ib:ib+16]: one k step of the 6x16 tile."""
+    b0 = vload(b, ib)
+    b1 = vload(b, ib + 8)
+    x0 = vbroadcast(a, ia)
+    x1 = vbroadcast(a, ia + rs)
+    x2 = vbroadcast(a, ia + 2 * rs)
+    x3 = vbroadcast(a, ia + 3 * rs)
+    x4 = vbroadcast(a, ia + 4 * rs)
+    x5 = vbroadcast(a, ia + 5 * rs)
+    return (vfma(x0, b0, acc[0]), vfma(x0, b1, acc[1]), vfma(x1, b0, acc[2]), vfma(x1, b1, acc[3]),
+            vfma(x2, b0, acc[4]), vfma(x2, b1, acc[5]), vfma(x3, b0, acc[6]), vfma(x3, b1, acc[7]),
+            vfma(x4, b0, acc[8]), vfma(x4, b1, acc[9]), vfma(x5, b0, acc[10]), vfma(x5, b1, acc[11]))
+
+
+@kernel()
+def _tile(a, ia, rs, ks, b, ib, kc):
+    """The 6x16 tile of six rows of a (row r, step k at a.flat[ia + r*rs + k*ks]) times one weight panel
+    over kc steps, unrolled by 4."""
+    z = vzero()
+    acc = (z, z, z, z, z, z, z, z, z, z, z, z)
+    for _ in range(kc // 4):
+        acc = _rank1(a, ia, rs, b, ib, acc)
+        acc = _rank1(a, ia + ks, rs, b, ib + NR, acc)
+        acc = _rank1(a, ia + 2 * ks, rs, b, ib + 2 * NR, acc)
+        acc = _rank1(a, ia + 3 * ks, rs, b, ib + 3 * NR, acc)
+        ia += 4 * ks
+        ib += 4 * NR
+    for _ in range(kc % 4):
+        acc = _rank1(a, ia, rs, b, ib, acc)
+        ia += ks
+        ib += NR
+    return acc
+
+
+@kernel()
+def _store_row(y, iy, v0, v1, accumulate):
+    if accumulate:
+        v0 = vadd(v0, vload(y, iy))
+        v1 = vadd(v1, vload(y, iy + 8))
+    vstore(y, iy, v0)
+    vstore(y, iy + 8, v1)
+
+
+@kernel()
+def _store_tile(y, row, col, acc, rows, cols, accumulate, scratch):
+    """Write (or add) the tile's top-left rows x cols into y[row:, col:]."""
+    ldy = y.strides[0] // 4
+    iy = row * ldy + col
+    if rows == MR and cols == NR:
+        _store_row(y, iy, acc[0], acc[1], accumulate)
+        _store_row(y, iy + ldy, acc[2], acc[3], accumulate)
+        _store_row(y, iy + 2 * ldy, acc[4], acc[5], accumulate)
+        _store_row(y, iy + 3 * ldy, acc[6], acc[7], accumulate)
+        _store_row(y, iy + 4 * ldy, acc[8], acc[9], accumulate)
+        _store_row(y, iy + 5 * ldy, acc[10], acc[11], accumulate)
+        return
+    for r in range(MR):   # an edge tile goes through scratch, element by element
+        vstore(scratch, NR * r, acc[2 * r])
+        vstore(scratch, NR * r + 8, acc[2 * r + 1])
+    for r in range(rows):
+        for j in range(cols):
+            if accumulate:
+                y[row + r, col + j] += scratch[NR * r + j]
+            else:
+                y[row + r, col + j] = scratch[NR * r + j]
+
+
+@kernel()
+def _gemm_block(x, panels, y, m0, m1, p0, p1):
+    """y[m0:m1, panels p0:p1] = x[m0:m1] @ w for the weight packed as `panels` (P, K, 16).
+
+    x's rows may have any stride (its columns are contiguous). Full 6-row tiles read x in place: packing x
+    (as BLIS does) measured slower here, a scalar copy costing as much as the products with 4-6 panels. Only
+    the last partial tile is copied, zero-padded to 6 rows."""
+    k_total = x.shape[1]
+    n = y.shape[1]
+    ldx = x.strides[0] // 4
+    packed = np.empty(MR * KC, np.float32)
+    scratch = np.empty(MR * NR, np.float32)
+    for k0 in range(0, k_total, KC):
+        kc = min(KC, k_total - k0)
+        for i0 in range(m0, m1, MC):
+            mc = min(MC, m1 - i0)
+            tiles = (mc + MR - 1) // MR
+            full = mc // MR
+            _pack_rows(x, i0 + full * MR, mc - full * MR, k0, kc, packed)
+            for p in range(p0, p1):
+                cols = min(NR, n - p * NR)
+                ib = (p * k_total + k0) * NR
+                for t in range(tiles):
+                    if t < full:
+                        acc = _tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, kc)
+                    else:
+                        acc = _tile(packed, 0, 1, MR, panels, ib, kc)
+                    _store_tile(y, i0 + t * MR, p * NR, acc, min(MR, mc - t * MR), cols, k0 > 0, scratch)
+
+
+# From this many rows a GEMM's threads split the rows (each reads all of the weight); below, the panels.
+SPLIT_ROWS_FROM = 512
+
+
+def matmul(x, weight: PackedWeight, out=None):
+    """x (M, K) float32, rows of any stride -> x @ w (M, N) float32, into `out` (contiguous rows) when given."""
+    m, k = x.shape
+    n = weight.shape[1]
+    if weight.shape[0] != k:
+        raise ValueError(f"matmul: x has {k} columns but the weight has {weight.shape[0]} rows")
+    if x.dtype != np.float32 or (x.size and k > 1 and x.strides[1] != 4):
+        raise ValueError(f"matmul: x must be float32 with contiguous rows, got {x.dtype} strides {x.strides}")
+    if out is None:
+        out = np.empty((m, n), np.float32)
+    elif out.shape != (m, n) or out.dtype != np.float32 or (out.size and n > 1 and out.strides[1] != 4):
+        raise ValueError(f"matmul: out must be float32 ({m}, {n}) with contiguous rows, got {out.dtype} "
+                         f"{out.shape} strides {out.strides}")
+    if m == 0:
+        return out
+    if k == 0:
+        out[...] = 0.0
+        return out
+    panels = weight.panels
+    p = panels.shape[0]
+    if m >= SPLIT_ROWS_FROM or p < 2 * _jit.NUM_THREADS:
+        tiles = -(-m // MR)
+        split_rows(lambda s, e: _gemm_block(x, panels, out, s * MR, min(e * MR, m), 0, p), tiles, MR * k * n)
+    else:
+        split_rows(lambda s, e: _gemm_block(x, panels, out, 0, m, s, e), p, m * k * NR)
+    return out

@@ -1,0 +1,66 @@
+"""The packed-weight Numba GEMM vs x @ w in float64."""
+import numpy as np
+import pytest
+from hypothesis import example, given, strategies as st
+
+from qnalo.kernels import gemm as k
+from tolerances import assert_close
+
+
+def _operands(seed, m, kk, n):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, kk)).astype(np.float32)
+    w = (rng.standard_normal((kk, n)) / np.sqrt(max(kk, 1))).astype(np.float32)
+    return x, w
+
+
+@given(seed=st.integers(0, 2**32 - 1), m=st.integers(1, 70), kk=st.integers(1, 600), n=st.integers(1, 80),
+       x_pad=st.integers(0, 5), out_pad=st.integers(0, 5))
+@example(seed=0, m=196, kk=384, n=1536, x_pad=0, out_pad=0)    # LITv2-S layers.2 fc1
+@example(seed=1, m=49, kk=3072, n=768, x_pad=0, out_pad=0)     # layers.3 fc2: 12 K blocks
+@example(seed=2, m=3136, kk=96, n=384, x_pad=0, out_pad=0)     # layers.0 fc1: row split
+@example(seed=3, m=196, kk=64, n=64, x_pad=320, out_pad=320)   # h_proj on a column slice, into one
+@example(seed=4, m=1, kk=768, n=1000, x_pad=0, out_pad=0)      # the head, batch 1
+@example(seed=5, m=1, kk=1, n=1, x_pad=0, out_pad=0)
+def test_matmul(seed, m, kk, n, x_pad, out_pad):
+    x, w = _operands(seed, m, kk + x_pad, n)
+    x = x[:, x_pad:]                               # rows with a stride wider than the row
+    w = np.ascontiguousarray(w[x_pad:])
+    out = np.full((m, n + out_pad), 7.0, np.float32)
+    y = k.matmul(x, k.PackedWeight(w), out[:, out_pad:])
+    assert y.base is out or y is out[:, out_pad:] or np.shares_memory(y, out)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert_close(out[:, out_pad:], ref, "gemm")
+    assert (out[:, :out_pad] == 7.0).all(), "wrote outside the output slice"
+    assert_close(k.matmul_ref(x, w), ref, "gemm", what="reference")
+
+
+def test_packed_weight_round_trip():
+    w = np.random.default_rng(0).standard_normal((37, 21)).astype(np.float32)
+    packed = k.PackedWeight(w)
+    assert packed.panels.shape == (2, 37, 16)
+    np.testing.assert_array_equal(packed.unpack(), w)
+
+
+def test_empty_and_zero_depth():
+    w = np.ones((0, 5), np.float32)
+    np.testing.assert_array_equal(k.matmul(np.ones((3, 0), np.float32), k.PackedWeight(w)), np.zeros((3, 5)))
+    assert k.matmul(np.ones((0, 4), np.float32), k.PackedWeight(np.ones((4, 5), np.float32))).shape == (0, 5)
+
+
+def test_nan_stays_in_its_row():
+    x, w = _operands(0, 13, 40, 20)
+    x[4, 7] = np.nan
+    y = k.matmul(x, k.PackedWeight(w))
+    assert np.isnan(y[4]).all() and np.isfinite(np.delete(y, 4, axis=0)).all()
+
+
+@pytest.mark.parametrize("x, out, message", [
+    (np.ones((3, 5), np.float32), None, "x has 5 columns"),
+    (np.ones((3, 4), np.float64), None, "float32"),
+    (np.ones((4, 3), np.float32).T, None, "contiguous rows"),
+    (np.ones((3, 4), np.float32), np.ones((3, 6), np.float32), r"out must be float32 \(3, 2\)"),
+])
+def test_bad_operands(x, out, message):
+    with pytest.raises(ValueError, match=message):
+        k.matmul(x, k.PackedWeight(np.ones((4, 2), np.float32)), out)
