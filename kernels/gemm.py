@@ -109,19 +109,20 @@ def _store_row(y, iy, v0, v1, accumulate):
 
 
 @kernel()
-def _store_tile(y, row, col, acc, rows, cols, accumulate, scratch):
-    """Write (or add) the tile's top-left rows x cols into y[row:, col:]."""
-    ldy = y.strides[0] // 4
-    iy = row * ldy + col
-    if rows == MR and cols == NR:
-        _store_row(y, iy, acc[0], acc[1], accumulate)
-        _store_row(y, iy + ldy, acc[2], acc[3], accumulate)
-        _store_row(y, iy + 2 * ldy, acc[4], acc[5], accumulate)
-        _store_row(y, iy + 3 * ldy, acc[6], acc[7], accumulate)
-        _store_row(y, iy + 4 * ldy, acc[8], acc[9], accumulate)
-        _store_row(y, iy + 5 * ldy, acc[10], acc[11], accumulate)
-        return
-    for r in range(MR):   # an edge tile goes through scratch, element by element
+def _store_tile(y, iy, ldy, acc, accumulate):
+    """Write (or add) a full 6x16 tile into y at flat offset iy, row stride ldy."""
+    _store_row(y, iy, acc[0], acc[1], accumulate)
+    _store_row(y, iy + ldy, acc[2], acc[3], accumulate)
+    _store_row(y, iy + 2 * ldy, acc[4], acc[5], accumulate)
+    _store_row(y, iy + 3 * ldy, acc[6], acc[7], accumulate)
+    _store_row(y, iy + 4 * ldy, acc[8], acc[9], accumulate)
+    _store_row(y, iy + 5 * ldy, acc[10], acc[11], accumulate)
+
+
+@kernel()
+def _store_edge(y, row, col, acc, rows, cols, accumulate, scratch):
+    """Write (or add) the top-left rows x cols of a tile into y[row:, col:], through scratch."""
+    for r in range(MR):
         vstore(scratch, NR * r, acc[2 * r])
         vstore(scratch, NR * r + 8, acc[2 * r + 1])
     for r in range(rows):
@@ -133,7 +134,7 @@ def _store_tile(y, row, col, acc, rows, cols, accumulate, scratch):
 
 
 @kernel()
-def _gemm_block(x, panels, y, m0, m1, p0, p1):
+def gemm_block(x, panels, y, m0, m1, p0, p1):
     """y[m0:m1, panels p0:p1] = x[m0:m1] @ w for the weight packed as `panels` (P, K, 16).
 
     x's rows may have any stride (its columns are contiguous). Full 6-row tiles read x in place: packing x
@@ -142,6 +143,7 @@ def _gemm_block(x, panels, y, m0, m1, p0, p1):
     k_total = x.shape[1]
     n = y.shape[1]
     ldx = x.strides[0] // 4
+    ldy = y.strides[0] // 4
     packed = np.empty(MR * KC, np.float32)
     scratch = np.empty(MR * NR, np.float32)
     for k0 in range(0, k_total, KC):
@@ -159,7 +161,11 @@ def _gemm_block(x, panels, y, m0, m1, p0, p1):
                         acc = _tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, kc)
                     else:
                         acc = _tile(packed, 0, 1, MR, panels, ib, kc)
-                    _store_tile(y, i0 + t * MR, p * NR, acc, min(MR, mc - t * MR), cols, k0 > 0, scratch)
+                    rows = min(MR, mc - t * MR)
+                    if rows == MR and cols == NR:
+                        _store_tile(y, (i0 + t * MR) * ldy + p * NR, ldy, acc, k0 > 0)
+                    else:
+                        _store_edge(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
 
 
 # From this many rows a GEMM's threads split the rows (each reads all of the weight); below, the panels.
@@ -188,7 +194,7 @@ def matmul(x, weight: PackedWeight, out=None):
     p = panels.shape[0]
     if m >= SPLIT_ROWS_FROM or p < 2 * _jit.NUM_THREADS:
         tiles = -(-m // MR)
-        split_rows(lambda s, e: _gemm_block(x, panels, out, s * MR, min(e * MR, m), 0, p), tiles, MR * k * n)
+        split_rows(lambda s, e: gemm_block(x, panels, out, s * MR, min(e * MR, m), 0, p), tiles, MR * k * n)
     else:
-        split_rows(lambda s, e: _gemm_block(x, panels, out, 0, m, s, e), p, m * k * NR)
+        split_rows(lambda s, e: gemm_block(x, panels, out, 0, m, s, e), p, m * k * NR)
     return out

@@ -2,7 +2,7 @@
 
 The engine runs one GEMM over the normalised tokens for [h_qkv | l_q] (no bias) and one for l_kv on the pooled
 map; these kernels add the biases, attend and write each branch's heads into its column range of one output
-buffer [Hi-Fi | Lo-Fi], which the block then projects with one block-diagonal GEMM.
+buffer [Hi-Fi | Lo-Fi], which the block then projects branch by branch (h_proj, l_proj).
 
 Padding follows the official dense-prediction copy: the normalised map is zero-padded bottom/right to a multiple
 of ws, unmasked. A padded token's projections are therefore exactly the biases (it is a real key and value in
@@ -13,7 +13,8 @@ import math
 import numpy as np
 
 from ._jit import kernel, split_rows
-from .softmax import scaled_softmax_rows
+from .gemm import NR, gemm_block
+from .softmax import softmax_rows_block
 
 
 def _softmax_ref(s):
@@ -33,13 +34,14 @@ def window_avgpool_ref(x, ws):
 
 def hifi_attention_ref(qkv, qkv_bias, ws, heads, head_dim, scale, out):
     """Window attention in ws x ws windows. qkv (B, H, W, >= 3*heads*hd): columns [0, 3*heads*hd) hold
-    (q|k|v) x head x hd without bias; qkv_bias (3*heads*hd,). Writes out[..., :heads*hd]."""
+    (q|k|v) x head x hd without bias; qkv_bias (>= 3*heads*hd,), its first 3*heads*hd used. Writes
+    out[..., :heads*hd]."""
     b, h, w, _ = qkv.shape
     dim = heads * head_dim
     gh, gw = -(-h // ws), -(-w // ws)
     padded = np.zeros((b, gh * ws, gw * ws, 3 * dim), dtype=np.float64)
     padded[:, :h, :w] = qkv[..., :3 * dim]
-    padded += qkv_bias
+    padded += qkv_bias[:3 * dim]
     win = padded.reshape(b, gh, ws, gw, ws, 3, heads, head_dim).transpose(5, 0, 1, 3, 6, 2, 4, 7)
     q, k, v = win.reshape(3, b, gh, gw, heads, ws * ws, head_dim)
     attn = _softmax_ref((q @ np.swapaxes(k, -1, -2)) * scale)
@@ -156,19 +158,37 @@ def _hifi_windows(qkv, qkv_bias, ws, heads, head_dim, scale32, out, start, stop)
 
 
 def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
-    """Same contract as lofi_attention_ref. The two products are batched BLAS GEMMs over strided per-head
-    views (no copies); only the scaled softmax is a kernel. q and kv get their biases added in place, so both
-    must be scratch buffers (the engine passes its fresh GEMM outputs)."""
+    """Same contract as lofi_attention_ref. Per image and head, both products run on the GEMM micro-kernel
+    (kernels/gemm.py) with k^T and v packed as its weight panels; images x heads are split across threads.
+    q and kv get their biases added in place, so both must be scratch buffers (the engine's GEMM outputs)."""
     b, h, w, _ = qkv.shape
     dim = heads * head_dim
     q = qkv.reshape(b, h * w, -1)[:, :, q_col:q_col + dim]
     q += q_bias
     kv += kv_bias
-    m_keys = kv.shape[1]
-    q_heads = q.reshape(b, h * w, heads, head_dim).transpose(0, 2, 1, 3)               # (B, heads, N, hd)
-    k_heads_t = kv[:, :, :dim].reshape(b, m_keys, heads, head_dim).transpose(0, 2, 3, 1)  # (B, heads, hd, M)
-    v_heads = kv[:, :, dim:].reshape(b, m_keys, heads, head_dim).transpose(0, 2, 1, 3)   # (B, heads, M, hd)
-    scores = scaled_softmax_rows(np.matmul(q_heads, k_heads_t), np.float32(scale))       # (B, heads, N, M)
     o = out.reshape(b, h * w, -1)[:, :, out_col:out_col + dim]
-    np.matmul(scores, v_heads, out=o.reshape(b, h * w, heads, head_dim).transpose(0, 2, 1, 3))
+    split_rows(_lofi_heads, b * heads, 4 * h * w * kv.shape[1] * head_dim, q, kv, heads, head_dim,
+               np.float32(scale), o)
     return out
+
+
+@kernel()
+def _lofi_heads(q, kv, heads, head_dim, scale32, out, start, stop):
+    """Tasks start..stop of (image, head): out[n, :, head] = softmax(scale q_h k_h^T) v_h.
+    q (B, N, heads*hd) and out (B, N, heads*hd) may be column slices; kv (B, M, 2*heads*hd)."""
+    n_queries = q.shape[1]
+    m_keys = kv.shape[1]
+    dim = heads * head_dim
+    k_panels = np.zeros((-(-m_keys // NR), head_dim, NR), np.float32)    # k_h^T (hd, M) as weight panels
+    v_panels = np.zeros((-(-head_dim // NR), m_keys, NR), np.float32)    # v_h (M, hd)
+    scores = np.empty((n_queries, m_keys), np.float32)
+    for task in range(start, stop):
+        n = task // heads
+        col = (task % heads) * head_dim
+        for s in range(m_keys):
+            for d in range(head_dim):
+                k_panels[s // NR, d, s % NR] = kv[n, s, col + d]
+                v_panels[d // NR, s, d % NR] = kv[n, s, dim + col + d]
+        gemm_block(q[n, :, col:col + head_dim], k_panels, scores, 0, n_queries, 0, k_panels.shape[0])
+        softmax_rows_block(scores, scale32, 0, n_queries)
+        gemm_block(scores, v_panels, out[n, :, col:col + head_dim], 0, n_queries, 0, v_panels.shape[0])

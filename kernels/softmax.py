@@ -38,12 +38,12 @@ def exp_inplace(x, bits):
 
 def scaled_softmax_rows(scores, scale):
     rows = scores.reshape(-1, scores.shape[-1])
-    split_rows(_scaled_softmax_rows, rows.shape[0], 12 * rows.shape[1], rows, scale)
+    split_rows(softmax_rows_block, rows.shape[0], 12 * rows.shape[1], rows, scale)
     return scores
 
 
 @kernel()
-def _scaled_softmax_rows(rows, scale, start, stop):
+def softmax_rows_block(rows, scale, start, stop):
     m_keys = rows.shape[1]
     bits = np.empty(m_keys, np.int32)
     for i in range(start, stop):

@@ -116,10 +116,17 @@ class HiLoAttention:
         self.hi_heads, self.lo_heads = cfg.hi_heads(stage), cfg.lo_heads[stage]
         self.hi_dim, self.lo_dim = self.hi_heads * self.head_dim, self.lo_heads * self.head_dim
         lin = lambda name: _Linear(ops, t[prefix + name + ".weight"], t[prefix + name + ".bias"])  # noqa: E731
+        # both branches read the same normalised tokens: h_qkv and l_q are one GEMM, [h_qkv | l_q] (C, 3hi + lo)
+        inputs = [n for n, used in (("h_qkv", self.hi_heads), ("l_q", self.lo_heads)) if used]
+        self.in_proj = _Linear(ops, np.concatenate([t[prefix + n + ".weight"] for n in inputs], axis=1),
+                               np.concatenate([t[prefix + n + ".bias"] for n in inputs]))
+        for n in inputs:
+            release_pages(t[prefix + n + ".weight"])   # copied into in_proj
+        self.q_col = 3 * self.hi_dim                   # where l_q's columns start
         if self.hi_heads:
-            self.h_qkv, self.h_proj = lin("h_qkv"), lin("h_proj")
+            self.h_proj = lin("h_proj")
         if self.lo_heads:
-            self.l_q, self.l_kv, self.l_proj = lin("l_q"), lin("l_kv"), lin("l_proj")
+            self.l_kv, self.l_proj = lin("l_kv"), lin("l_proj")
         self.proj_bias = np.concatenate(([self.h_proj.bias] if self.hi_heads else [])
                                         + ([self.l_proj.bias] if self.lo_heads else []))
 
@@ -127,16 +134,16 @@ class HiLoAttention:
         """xn (B*h*w, C) normalised tokens -> the projected output (B*h*w, C) without its bias, and that bias."""
         c = xn.shape[1]
         heads_out = np.empty((b, h, w, c), dtype=np.float32)
+        projected = self.in_proj.matmul(xn).reshape(b, h, w, -1)   # [qkv | q], no bias
+        bias = self.in_proj.bias
         if self.hi_heads:
-            qkv = self.h_qkv.matmul(xn).reshape(b, h, w, -1)
-            ops.hifi_attention(qkv, self.h_qkv.bias, self.ws, self.hi_heads, self.head_dim, self.scale, heads_out)
+            ops.hifi_attention(projected, bias, self.ws, self.hi_heads, self.head_dim, self.scale, heads_out)
         if self.lo_heads:
             xn4 = xn.reshape(b, h, w, c)
-            q = self.l_q.matmul(xn).reshape(b, h, w, -1)
             pooled = ops.window_avgpool(xn4, self.ws) if self.ws > 1 else xn4
             kv = self.l_kv.matmul(pooled.reshape(-1, c)).reshape(b, -1, 2 * self.lo_dim)
-            ops.lofi_attention(q, 0, self.l_q.bias, kv, self.l_kv.bias, self.lo_heads, self.head_dim, self.scale,
-                               heads_out, self.hi_dim)
+            ops.lofi_attention(projected, self.q_col, bias[self.q_col:], kv, self.l_kv.bias, self.lo_heads,
+                               self.head_dim, self.scale, heads_out, self.hi_dim)
         heads_out = heads_out.reshape(-1, c)
         out = np.empty_like(heads_out)
         if self.hi_heads:
