@@ -37,10 +37,11 @@ class PackedWeight:
 
     def __init__(self, w):
         k, n = w.shape
-        p = -(-n // NR)
-        padded = np.zeros((k, p * NR), np.float32)
-        padded[:, :n] = w
-        self.panels = np.ascontiguousarray(padded.reshape(k, p, NR).transpose(1, 0, 2))   # (P, K, 16)
+        full, rest = divmod(n, NR)
+        self.panels = np.zeros((full + (rest > 0), k, NR), np.float32)     # (P, K, 16), copied in place:
+        self.panels[:full] = w[:, :full * NR].reshape(k, full, NR).transpose(1, 0, 2)   # no temporaries
+        if rest:
+            self.panels[full, :, :rest] = w[:, full * NR:]
         self.shape = (k, n)
 
     def unpack(self):
