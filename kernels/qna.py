@@ -24,7 +24,12 @@ then out @ w_out. The scale is signed and applied after the normalisation, so th
 
 Numerics differ from the official code in one way: it takes exp() of raw logits and of rpe (no max subtracted),
 so float32 overflows to inf/NaN once logit + rpe exceeds ~88; here each window's max is subtracted first, which
-is exact where the official result is finite and stays finite where it is not."""
+is exact where the official result is finite and stays finite where it is not.
+
+Checked once against the official Flax layer itself (jax 0.10.2, flax 0.12.8; 12 layers with randomised
+parameters, k 1-7, stride 1-2, odd and 1x1 maps, QnA-ViT-tiny shapes): qna_attention_ref vs official float64
+max |diff| 5.3e-15 on outputs ~5; qna_attention vs official float32 max 3.3e-6 (official float32 vs float64:
+3.5e-6); at logits ~290 the official float32 output was all inf/NaN and qna_attention finite (1.8e-5 off)."""
 import math
 
 import numpy as np
@@ -125,7 +130,7 @@ def qna_windows(lv, rpe, attn_scale, heads, stride, out):
     b, _, _, n_cols = lv.shape
     ksize, nq, f = _layout(n_cols, rpe, attn_scale, heads, stride)
     ho, wo = out.shape[1], out.shape[2]
-    split_rows(_qna_rows, b * ho, wo * ksize * ksize * (16 * nq * heads + 2 * f), lv,
+    split_rows(_qna_rows, b * ho, wo * ksize * ksize * (16 * nq * heads + 2 * f), np.ascontiguousarray(lv),
                np.ascontiguousarray(rpe, np.float32), np.ascontiguousarray(attn_scale, np.float32), heads, nq,
                ksize, stride, out)
     return out
@@ -134,18 +139,25 @@ def qna_windows(lv, rpe, attn_scale, heads, stride, out):
 @kernel()
 def _qna_rows(lv, rpe, scale, heads, nq, ksize, stride, out, start, stop):
     """Output rows start..stop of (image, row). Per output pixel, two passes over the window's cells inside
-    the image: the max of logit + rpe per (query, head), then exp (vectorised), the sums and the scaled,
-    query-summed weights times the values. Only k*k*nq*h weights of the current pixel are held."""
-    _, h, w, _ = lv.shape
+    the image (listed first): the max of logit + rpe per (query, head), then exp (vectorised), the sums, and
+    the scaled, query-summed weights spread over each head's channels times the values. Only the current
+    pixel's k*k*nq*h weights are held. (Flat row indexing and the spread weights: 1.4x faster than views
+    and per-head loops, k = 7 at 56x56x64, one thread: 12 vs 17 ms.)"""
+    _, h, w, n_cols = lv.shape
     ho, wo, f = out.shape[1], out.shape[2], out.shape[3]
     nc = nq * heads
     d = f // heads
     pad = (ksize - 1) // 2
+    flat = lv.reshape(-1, n_cols)
+    kk = ksize * ksize
     top = np.empty(nc, np.float32)
     inv = np.empty(nc, np.float32)
-    e = np.empty(ksize * ksize * nc, np.float32)
-    bits = np.empty(ksize * ksize * nc, np.int32)
-    coef = np.empty(heads, np.float32)
+    wc = np.empty(nc, np.float32)
+    wf = np.empty(f, np.float32)
+    e = np.empty(kk * nc, np.float32)
+    bits = np.empty(kk * nc, np.int32)
+    cell_row = np.empty(kk, np.int64)
+    cell_off = np.empty(kk, np.int64)
     for row in range(start, stop):
         n = row // ho
         y0 = (row % ho) * stride - pad
@@ -155,48 +167,46 @@ def _qna_rows(lv, rpe, scale, heads, nq, ksize, stride, out, start, stop):
             x0 = j * stride - pad
             b0 = max(0, -x0)
             b1 = min(ksize, w - x0)
+            nv = 0
+            for a in range(a0, a1):
+                for bb in range(b0, b1):
+                    cell_row[nv] = (n * h + y0 + a) * w + x0 + bb
+                    cell_off[nv] = a * ksize + bb
+                    nv += 1
             for c in range(nc):
                 top[c] = -np.inf
-            for a in range(a0, a1):
-                for bb in range(b0, b1):
-                    src = lv[n, y0 + a, x0 + bb]
-                    r = rpe[a * ksize + bb]
-                    for c in range(nc):
-                        top[c] = max(top[c], src[c] + r[c])
-            t = 0
-            for a in range(a0, a1):
-                for bb in range(b0, b1):
-                    src = lv[n, y0 + a, x0 + bb]
-                    r = rpe[a * ksize + bb]
-                    for c in range(nc):
-                        e[t + c] = (src[c] + r[c]) - top[c]
-                    t += nc
-            cells = e[:t]
+            for t in range(nv):
+                src = flat[cell_row[t]]
+                r = rpe[cell_off[t]]
+                for c in range(nc):
+                    z = src[c] + r[c]
+                    e[t * nc + c] = z
+                    top[c] = max(top[c], z)
+            for t in range(nv):
+                for c in range(nc):
+                    e[t * nc + c] -= top[c]
+            cells = e[:nv * nc]
             exp_inplace(cells, bits)
             for c in range(nc):
                 inv[c] = 0.0
-            for s in range(0, t, nc):
+            for t in range(nv):
                 for c in range(nc):
-                    inv[c] += cells[s + c]
+                    inv[c] += cells[t * nc + c]
             for c in range(nc):
                 inv[c] = np.float32(1.0) / inv[c]
             dst = out[n, row % ho, j]
             for jj in range(f):
                 dst[jj] = 0.0
-            s = 0
-            for a in range(a0, a1):
-                for bb in range(b0, b1):
-                    sc = scale[a * ksize + bb]
-                    for hi in range(heads):
-                        coef[hi] = 0.0
-                    for qi in range(nq):
-                        for hi in range(heads):
-                            c = qi * heads + hi
-                            coef[hi] += cells[s + c] * sc[c] * inv[c]
-                    v = lv[n, y0 + a, x0 + bb]
-                    for hi in range(heads):
-                        cf = coef[hi]
-                        vo = nc + hi * d
-                        for jj in range(d):
-                            dst[hi * d + jj] += cf * v[vo + jj]
-                    s += nc
+            for t in range(nv):
+                sc = scale[cell_off[t]]
+                for c in range(nc):
+                    wc[c] = cells[t * nc + c] * sc[c] * inv[c]
+                for hi in range(heads):
+                    cf = wc[hi]
+                    for qi in range(1, nq):
+                        cf += wc[qi * heads + hi]
+                    for jj in range(d):
+                        wf[hi * d + jj] = cf
+                src = flat[cell_row[t]]
+                for jj in range(f):
+                    dst[jj] += wf[jj] * src[nc + jj]
