@@ -2,7 +2,7 @@
 
     >>> import qnalo
     >>> qnalo.list_models()
-    ['litv2_b', 'litv2_b_384', 'litv2_m', 'litv2_s']
+    ['litv2_b', 'litv2_b_384', 'litv2_m', 'litv2_s', 'qna_vit_base', 'qna_vit_small', 'qna_vit_tiny', 'qna_vit_tiny_7x7']
     >>> model = qnalo.load("litv2_s.safetensors")        # a file written by `qnalo convert`
     >>> logits = model(images)                            # float32 NCHW (B, 3, H, W) -> (B, 1000)
     >>> feats = model.forward_features(images)            # 4 maps (B, C_i, H_i, W_i)
@@ -16,8 +16,6 @@ from .models.ops import get_ops
 from .weights import read_weights
 
 __version__ = "0.1.0"
-# config fields that make a variant: a weights file must agree on them with the name it is loaded under
-ARCHITECTURE_FIELDS = ("embed_dim", "depths", "num_heads", "window_sizes", "mlp_ratio")
 
 __all__ = ["list_models", "create_model", "load", "QnaloError", "InputError", "CheckpointError",
            "UnsafeCheckpointError"]
@@ -47,8 +45,7 @@ def create_model(name, weights=None, backend="numba", **overrides):
     if weights is None:
         warnings.warn(f"qnalo: {name} created with random weights; pass weights= a converted file "
                       "(see `qnalo convert`) for real predictions", stacklevel=2)
-        from .models.litv2 import random_tensors
-        return model_cls(config, random_tensors(config), backend=backend, source={"variant": name})
+        return model_cls(config, model_cls.random_tensors(config), backend=backend, source={"variant": name})
     if overrides:
         raise InputError(f"config overrides ({', '.join(sorted(overrides))}) apply to random weights only; "
                          "a weights file carries its own config")
@@ -56,7 +53,7 @@ def create_model(name, weights=None, backend="numba", **overrides):
     if architecture != model_cls.architecture:
         raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; use qnalo.load(path)")
     file_config = config_cls.from_dict(file_config)
-    different = [f.name for f in dataclasses.fields(config_cls) if f.name in ARCHITECTURE_FIELDS
+    different = [f.name for f in dataclasses.fields(config_cls) if f.name in config_cls.ARCHITECTURE_FIELDS
                  and getattr(file_config, f.name) != getattr(config, f.name)]
     if different:
         held = source.get("variant") or "a different configuration"

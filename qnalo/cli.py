@@ -104,15 +104,15 @@ def _run_demo(args):
 
     import qnalo
     from qnalo.models import MODEL_REGISTRY
-    from qnalo.models.litv2 import random_tensors
     from qnalo.weights import save_weights
 
-    config = MODEL_REGISTRY[args.model][2]
+    model_cls, _, config = MODEL_REGISTRY[args.model]
     size = args.size or config.img_size
     print(f"{args.model}: seeded random weights (no trained weights ship yet), {size}x{size}, batch {args.batch}")
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"{args.model}.safetensors")
-        save_weights(path, random_tensors(config, seed=0), "litv2", config.to_dict(), source={"variant": args.model})
+        save_weights(path, model_cls.random_tensors(config, seed=0), model_cls.architecture, config.to_dict(),
+                     source={"variant": args.model})
         fast = qnalo.load(path)
         reference = qnalo.load(path, backend="numpy")
         rng = np.random.default_rng(0)

@@ -8,10 +8,9 @@ zero-padded to a multiple of 4, HiLo pads each map to a multiple of its window, 
 """
 import numpy as np
 
-from ..errors import CheckpointError, InputError, key_mismatches
 from ..weights import release_pages
+from .common import Classifier, Linear, Norm, check_image_batch, check_tensor_shapes, draw_tensors, head_shapes
 from .litv2_config import LITv2Config
-from .ops import get_ops
 
 LN_EPS = 1e-5
 BN_EPS = 1e-5
@@ -53,56 +52,28 @@ def engine_tensor_shapes(cfg: LITv2Config):
         if i in cfg.out_norms:
             shapes[f"norm{i}.weight"] = (c,)
             shapes[f"norm{i}.bias"] = (c,)
-    if cfg.num_classes:
-        f = cfg.num_features
-        shapes.update({"norm.weight": (f,), "norm.bias": (f,),
-                       "head.weight": (f, cfg.num_classes), "head.bias": (cfg.num_classes,)})
+    shapes.update(head_shapes(cfg.num_features, cfg.num_classes))
     return shapes
 
 
 def check_tensors(tensors, cfg: LITv2Config, where="weights"):
     """Missing, unexpected or mis-shaped tensors are one error that names them."""
-    problems = key_mismatches({k: tuple(v.shape) for k, v in tensors.items()}, engine_tensor_shapes(cfg))
-    if problems:
-        raise CheckpointError(f"{where} do not fit this LITv2 config: " + "; ".join(problems))
+    check_tensor_shapes(tensors, engine_tensor_shapes(cfg), "LITv2", where)
+
+
+def _draw_official(rng, name, leaf, shape):
+    if leaf in ("running_var",) or (leaf == "weight" and len(shape) == 1):
+        return np.ones(shape)                      # LayerNorm / BatchNorm scale, BN variance
+    if leaf in ("bias", "running_mean") or "conv_offset" in name:
+        return np.zeros(shape)                     # biases, BN mean, offset conv (zero-init officially)
+    if "dwconv" in name:
+        return rng.normal(0.0, np.sqrt(2.0 / 9.0), shape)
+    return np.clip(rng.normal(0.0, 0.02, shape), -0.04, 0.04)   # trunc_normal(std=.02)
 
 
 def random_tensors(cfg: LITv2Config, seed=0):
     """Random weights in engine layout, drawn like the official initialisation (for tests and benchmarks)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in engine_tensor_shapes(cfg).items():
-        leaf = name.rsplit(".", 1)[1]
-        if leaf in ("running_var",) or (leaf == "weight" and len(shape) == 1):
-            value = np.ones(shape)                      # LayerNorm / BatchNorm scale, BN variance
-        elif leaf in ("bias", "running_mean") or "conv_offset" in name:
-            value = np.zeros(shape)                     # biases, BN mean, offset conv (zero-init officially)
-        elif "dwconv" in name:
-            value = rng.normal(0.0, np.sqrt(2.0 / 9.0), shape)
-        else:
-            value = np.clip(rng.normal(0.0, 0.02, shape), -0.04, 0.04)   # trunc_normal(std=.02)
-        out[name] = value.astype(np.float32)
-    return out
-
-
-class _Linear:
-    """y = x @ weight (+ bias, added by whichever kernel consumes y), on the backend's GEMM."""
-
-    def __init__(self, ops, weight, bias):
-        self.weight = ops.pack_weight(weight)   # (in, out) float32, in the backend's layout
-        self.bias = bias                        # (out,)
-        self._matmul = ops.matmul
-        if self.weight is not weight:           # packed into a copy: the file's pages are no longer needed
-            release_pages(weight)
-
-    def matmul(self, x, out=None):
-        return self._matmul(x, self.weight, out)
-
-
-class _Norm:
-    def __init__(self, t, prefix):
-        self.weight = t[prefix + ".weight"]
-        self.bias = t[prefix + ".bias"]
+    return draw_tensors(engine_tensor_shapes(cfg), _draw_official, seed)
 
 
 class HiLoAttention:
@@ -115,10 +86,10 @@ class HiLoAttention:
         self.scale = self.head_dim ** -0.5
         self.hi_heads, self.lo_heads = cfg.hi_heads(stage), cfg.lo_heads[stage]
         self.hi_dim, self.lo_dim = self.hi_heads * self.head_dim, self.lo_heads * self.head_dim
-        lin = lambda name: _Linear(ops, t[prefix + name + ".weight"], t[prefix + name + ".bias"])  # noqa: E731
+        lin = lambda name: Linear(ops, t[prefix + name + ".weight"], t[prefix + name + ".bias"])  # noqa: E731
         # both branches read the same normalised tokens: h_qkv and l_q are one GEMM, [h_qkv | l_q] (C, 3hi + lo)
         inputs = [n for n, used in (("h_qkv", self.hi_heads), ("l_q", self.lo_heads)) if used]
-        self.in_proj = _Linear(ops, np.concatenate([t[prefix + n + ".weight"] for n in inputs], axis=1),
+        self.in_proj = Linear(ops, np.concatenate([t[prefix + n + ".weight"] for n in inputs], axis=1),
                                np.concatenate([t[prefix + n + ".bias"] for n in inputs]))
         for n in inputs:
             release_pages(t[prefix + n + ".weight"])   # copied into in_proj
@@ -157,10 +128,10 @@ class ConvFFN:
     """fc1 -> depthwise 3x3 (zero pad 1) -> exact GELU -> fc2."""
 
     def __init__(self, ops, t, prefix):
-        self.fc1 = _Linear(ops, t[prefix + "fc1.weight"], t[prefix + "fc1.bias"])
+        self.fc1 = Linear(ops, t[prefix + "fc1.weight"], t[prefix + "fc1.bias"])
         self.dw_weight = t[prefix + "dwconv.dwconv.weight"]
         self.dw_bias = t[prefix + "dwconv.dwconv.bias"]
-        self.fc2 = _Linear(ops, t[prefix + "fc2.weight"], t[prefix + "fc2.bias"])
+        self.fc2 = Linear(ops, t[prefix + "fc2.weight"], t[prefix + "fc2.bias"])
 
     def __call__(self, ops, xn, b, h, w):
         hidden = self.fc1.matmul(xn).reshape(b, h, w, -1)
@@ -173,8 +144,8 @@ class Block:
 
     def __init__(self, ops, t, prefix, cfg, stage):
         self.attn = HiLoAttention(ops, t, prefix + "attn.", cfg, stage) if cfg.window_sizes[stage] else None
-        self.norm1 = _Norm(t, prefix + "norm1") if self.attn else None
-        self.norm2 = _Norm(t, prefix + "norm2")
+        self.norm1 = Norm(t, prefix + "norm1") if self.attn else None
+        self.norm2 = Norm(t, prefix + "norm2")
         self.mlp = ConvFFN(ops, t, prefix + "mlp.")
 
     @property
@@ -198,13 +169,13 @@ class DTM:
     deformable conv's weights at load time), GELU. Halves H and W (floor), doubles C."""
 
     def __init__(self, ops, t, prefix):
-        self.offset = _Linear(ops, t[prefix + "dconv.conv_offset.weight"], t[prefix + "dconv.conv_offset.bias"])
+        self.offset = Linear(ops, t[prefix + "dconv.conv_offset.weight"], t[prefix + "dconv.conv_offset.bias"])
         scale = t[prefix + "norm_layer.weight"].astype(np.float64) / np.sqrt(
             t[prefix + "norm_layer.running_var"].astype(np.float64) + BN_EPS)
         weight = t[prefix + "dconv.weight"].astype(np.float64) * scale
         bias = (t[prefix + "dconv.bias"] - t[prefix + "norm_layer.running_mean"]) * scale \
             + t[prefix + "norm_layer.bias"]
-        self.conv = _Linear(ops, weight.astype(np.float32), bias.astype(np.float32))
+        self.conv = Linear(ops, weight.astype(np.float32), bias.astype(np.float32))
         release_pages(t[prefix + "dconv.weight"])   # folded into a copy
 
     def __call__(self, ops, x, b, h, w):
@@ -218,48 +189,34 @@ class DTM:
         return ops.bias_gelu(y, self.conv.bias), ho, wo
 
 
-class LITv2:
+class LITv2(Classifier):
     """A LITv2 classifier or dense backbone. `model(x)` -> logits; `model.forward_features(x)` -> 4 NCHW maps."""
 
     architecture = "litv2"
+    LN_EPS = LN_EPS
+    NO_HEAD = ("this model is a dense-prediction backbone (converted from a detection/segmentation "
+               "checkpoint) and has no classification head; call model.forward_features(x)")
     min_size = 29   # the smallest side whose stage-3 map is non-empty: ceil(29/4) = 8 -> 4 -> 2 -> 1
 
     def __init__(self, cfg: LITv2Config, tensors, backend="numba", source=None):
-        check_tensors(tensors, cfg)
-        t = {k: v if v.dtype == np.float32 and v.flags.c_contiguous else np.ascontiguousarray(v, np.float32)
-             for k, v in tensors.items()}
-        self.config = cfg
-        self.source = source or {}
-        self.backend = backend
-        self._ops = get_ops(backend)
-        self.patch = _Linear(self._ops, t["patch_embed.proj.weight"], t["patch_embed.proj.bias"])
-        self.patch_norm = _Norm(t, "patch_embed.norm")
+        t = self._setup(cfg, tensors, backend, source, check_tensors)
+        self.patch = Linear(self._ops, t["patch_embed.proj.weight"], t["patch_embed.proj.bias"])
+        self.patch_norm = Norm(t, "patch_embed.norm")
         self.stages = [[Block(self._ops, t, f"layers.{i}.blocks.{j}.", cfg, i) for j in range(cfg.depths[i])]
                        for i in range(4)]
         self.downsamples = [DTM(self._ops, t, f"layers.{i}.downsample.") for i in range(3)]
-        self.out_norms = {i: _Norm(t, f"norm{i}") for i in cfg.out_norms}
+        self.out_norms = {i: Norm(t, f"norm{i}") for i in cfg.out_norms}
         if cfg.num_classes:
-            self.norm = _Norm(t, "norm")
-            self.head = _Linear(self._ops, t["head.weight"], t["head.bias"])
+            self.norm = Norm(t, "norm")
+            self.head = Linear(self._ops, t["head.weight"], t["head.bias"])
         self.num_parameters = int(sum(v.size for k, v in tensors.items()
                                       if not k.endswith(("running_mean", "running_var"))))
 
+    random_tensors = staticmethod(random_tensors)
+
     # -- input checks ---------------------------------------------------------------------------------------
     def _check_input(self, x):
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"expected a numpy array of shape (B, 3, H, W), got {type(x).__name__}")
-        if x.ndim != 4:
-            raise InputError(f"expected a 4-D NCHW array (B, 3, H, W), got shape {x.shape}"
-                             + ("; add a batch axis with x[None]" if x.ndim == 3 else ""))
-        if x.shape[1] != 3:
-            hint = "; the input looks channels-last (NHWC): pass x.transpose(0, 3, 1, 2)" if x.shape[-1] == 3 else ""
-            raise InputError(f"expected 3 channels in axis 1 (NCHW), got shape {x.shape}{hint}")
-        if x.dtype != np.float32:
-            raise InputError(f"expected float32 input, got {x.dtype}; convert with x.astype(np.float32)")
-        if min(x.shape[2:]) < self.min_size:
-            raise InputError(f"image {x.shape[2]}x{x.shape[3]} is too small: LITv2 needs at least "
-                             f"{self.min_size}x{self.min_size} pixels (it downsamples by 32)")
-        return np.ascontiguousarray(x)
+        return check_image_batch(x, "LITv2", self.min_size, 32)
 
     @staticmethod
     def feature_sizes(height, width):
@@ -335,21 +292,3 @@ class LITv2:
                 tokens = self._ops.layernorm(tokens, n.weight, n.bias, LN_EPS, np.empty_like(tokens))
             feats.append(np.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2)))
         return feats
-
-    def forward_head(self, tokens, b):
-        """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
-        normed = self._ops.layernorm(tokens, self.norm.weight, self.norm.bias, LN_EPS, np.empty_like(tokens))
-        pooled = normed.reshape(b, -1, normed.shape[1]).mean(axis=1, dtype=np.float64).astype(np.float32)
-        return self.head.matmul(pooled) + self.head.bias
-
-    def __call__(self, x):
-        """x (B, 3, H, W) float32 -> logits (B, num_classes) float32."""
-        if not self.config.num_classes:
-            raise InputError("this model is a dense-prediction backbone (converted from a detection/segmentation "
-                             "checkpoint) and has no classification head; call model.forward_features(x)")
-        x = self._check_input(x)
-        if x.shape[0] == 0:
-            return np.zeros((0, self.config.num_classes), np.float32)
-        for tokens, _, _ in self._stages(x, keep_early=False):
-            pass
-        return self.forward_head(tokens, x.shape[0])

@@ -1,10 +1,14 @@
 """LITv2 hyper-parameters and the named variants (ziplab/LITv2 configs/litv2-*.yaml)."""
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
+
+from .common import ConfigDict
 
 
 @dataclass(frozen=True)
-class LITv2Config:
+class LITv2Config(ConfigDict):
+    NAME = "LITv2"   # in errors
     embed_dim: int = 96
     depths: tuple = (2, 2, 6, 2)
     num_heads: tuple = (3, 6, 12, 24)
@@ -15,6 +19,9 @@ class LITv2Config:
     num_classes: int = 1000              # 0 = backbone without final norm and head (dense checkpoints)
     img_size: int = 224                  # official evaluation resolution (any H, W runs; see README)
     out_norms: tuple = ()                # stages whose forward_features output has its own LayerNorm (dense ckpts)
+
+    # fields that make a variant: a weights file must agree on them with the name it is loaded under
+    ARCHITECTURE_FIELDS: ClassVar[tuple] = ("embed_dim", "depths", "num_heads", "window_sizes", "mlp_ratio")
 
     def __post_init__(self):
         for name in ("depths", "num_heads", "window_sizes", "out_norms"):
@@ -55,18 +62,6 @@ class LITv2Config:
         if "lo_heads" not in overrides:
             overrides["lo_heads"] = None
         return dataclasses.replace(self, **overrides)
-
-    def to_dict(self):
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown LITv2 config fields {sorted(unknown)}")
-        return cls(**d)
 
 
 LITV2_VARIANTS = {

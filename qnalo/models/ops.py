@@ -5,7 +5,7 @@ against; it is the middle link of the parity chain PyTorch <-> NumPy reference <
 from types import SimpleNamespace
 
 from qnalo.errors import InputError
-from qnalo.kernels import deform_conv, dwconv_gelu, gelu, gemm, hilo, layernorm
+from qnalo.kernels import deform_conv, dwconv_gelu, gelu, gelu_tanh, gemm, hilo, layernorm, qna, window_msa
 
 NUMBA = SimpleNamespace(
     pack_weight=gemm.PackedWeight,
@@ -19,6 +19,10 @@ NUMBA = SimpleNamespace(
     window_avgpool=hilo.window_avgpool,
     hifi_attention=hilo.hifi_attention,
     lofi_attention=hilo.lofi_attention,
+    bias_gelu_tanh=gelu_tanh.bias_gelu_tanh,
+    qna_windows=qna.qna_windows,
+    qna_attention=qna.qna_attention,
+    window_msa=window_msa.window_msa,
 )
 
 NUMPY = SimpleNamespace(
@@ -33,6 +37,10 @@ NUMPY = SimpleNamespace(
     window_avgpool=hilo.window_avgpool_ref,
     hifi_attention=hilo.hifi_attention_ref,
     lofi_attention=hilo.lofi_attention_ref,
+    bias_gelu_tanh=gelu_tanh.bias_gelu_tanh_ref,
+    qna_windows=qna.qna_windows_ref,
+    qna_attention=qna.qna_attention_ref,
+    window_msa=window_msa.window_msa_ref,
 )
 
 BACKENDS = {"numba": NUMBA, "numpy": NUMPY}

@@ -1,0 +1,104 @@
+"""Window multi-head self-attention with a relative position bias (QnA-ViT's MSA, official layers/self_attention.py)
+on channels-last maps, the windows read in place (the map is never split into windows).
+
+* qkv      (B, H, W, 3C)  the to_qkv projection of the normalised map, no bias, in the official per-head
+                          interleaved order: head hi owns columns hi*3d + [0, 3d), [q | k | v] inside it.
+* rel_bias (heads, L, L)  the relative position bias of a window of L = w*w tokens (row-major), already
+                          gathered from its table at load time.
+* out      (B, H, W, C)   head hi's output in columns hi*d + [0, d) (the official (head, d) concatenation).
+
+Windows are w x w tiles of the map, row-major, no shift; w must divide H and W. Per window and head:
+softmax((q / sqrt(d)) . k^T + rel_bias) @ v (q scaled before the product, as in the official code), the max
+subtracted per query row."""
+import numpy as np
+
+from ._jit import kernel, split_rows
+from .softmax import softmax_rows_block
+
+
+def _check(qkv, rel_bias, window, heads):
+    b, h, w, n_cols = qkv.shape
+    if n_cols % (3 * heads) or h % window or w % window or rel_bias.shape != (heads, window ** 2, window ** 2):
+        raise ValueError(f"qkv {qkv.shape}, rel_bias {rel_bias.shape} do not fit window {window}, {heads} heads")
+    return n_cols // (3 * heads)
+
+
+def window_msa_ref(qkv, rel_bias, window, heads, out):
+    """Evaluated in float64 on explicitly split windows; writes out (B, H, W, C) in out's dtype."""
+    d = _check(qkv, rel_bias, window, heads)
+    b, h, w, _ = qkv.shape
+    ws, gh, gw = window, h // window, w // window
+    t = qkv.astype(np.float64).reshape(b, gh, ws, gw, ws, heads, 3 * d).transpose(0, 1, 3, 5, 2, 4, 6)
+    t = t.reshape(b, gh, gw, heads, ws * ws, 3 * d)
+    q, k, v = t[..., :d], t[..., d:2 * d], t[..., 2 * d:]
+    s = (q / np.sqrt(d)) @ np.swapaxes(k, -1, -2) + rel_bias.astype(np.float64)
+    s = np.exp(s - s.max(axis=-1, keepdims=True))
+    o = (s / s.sum(axis=-1, keepdims=True)) @ v                     # (b, gh, gw, heads, L, d)
+    o = o.reshape(b, gh, gw, heads, ws, ws, d).transpose(0, 1, 4, 2, 5, 3, 6)
+    out[...] = o.reshape(b, h, w, heads * d)
+    return out
+
+
+def window_msa(qkv, rel_bias, window, heads, out):
+    """Same contract as window_msa_ref, float32; tasks (window, head) split across threads."""
+    d = _check(qkv, rel_bias, window, heads)
+    b, h, w, _ = qkv.shape
+    tasks = b * (h // window) * (w // window) * heads
+    split_rows(_window_heads, tasks, 4 * window ** 4 * d, qkv, np.ascontiguousarray(rel_bias, np.float32),
+               window, heads, np.float32(1.0 / np.sqrt(d)), out)
+    return out
+
+
+@kernel()
+def _window_heads(qkv, rel_bias, ws, heads, scale, out, start, stop):
+    b, h, w, n_cols = qkv.shape
+    d = n_cols // (3 * heads)
+    gh = h // ws
+    gw = w // ws
+    seq = ws * ws
+    q = np.empty((seq, d), np.float32)
+    k = np.empty((seq, d), np.float32)
+    v = np.empty((seq, d), np.float32)
+    scores = np.empty((seq, seq), np.float32)
+    o = np.empty(d, np.float32)
+    for task in range(start, stop):
+        hd = task % heads
+        win = task // heads
+        n = win // (gh * gw)
+        gy = (win // gw) % gh
+        gx = win % gw
+        base = hd * 3 * d
+        for t in range(seq):
+            src = qkv[n, gy * ws + t // ws, gx * ws + t % ws]
+            for j in range(d):
+                q[t, j] = src[base + j] * scale
+                k[t, j] = src[base + d + j]
+                v[t, j] = src[base + 2 * d + j]
+        bias = rel_bias[hd]
+        for t in range(seq):
+            row = scores[t]
+            for s in range(seq):
+                acc = np.float32(0.0)
+                for j in range(d):
+                    acc += q[t, j] * k[s, j]
+                row[s] = acc + bias[t, s]
+        softmax_rows_block(scores, np.float32(1.0), 0, seq)
+        for t in range(seq):
+            dst = out[n, gy * ws + t // ws, gx * ws + t % ws]
+            for j in range(d):
+                o[j] = 0.0
+            for s in range(seq):
+                ps = scores[t, s]
+                for j in range(d):
+                    o[j] += ps * v[s, j]
+            for j in range(d):
+                dst[hd * d + j] = o[j]
+
+def relative_bias(table, window):
+    """The (heads, L, L) bias of a w x w window from its ((2w-1)^2, heads) table (Swin-style, the official
+    RelativePositionalEmbedding): query token i = (yi, xi), key token j (row-major in the window) read row
+    (yi - yj + w - 1) * (2w - 1) + (xi - xj + w - 1)."""
+    pos = np.arange(window * window)
+    dy = pos[:, None] // window - pos[None, :] // window + window - 1
+    dx = pos[:, None] % window - pos[None, :] % window + window - 1
+    return np.ascontiguousarray(np.asarray(table)[dy * (2 * window - 1) + dx].transpose(2, 0, 1))

@@ -1,0 +1,123 @@
+"""Pieces every engine model shares: linear layers on the backend's GEMM, LayerNorm parameters, the input
+checks of an NCHW float32 image batch, and the LayerNorm -> mean -> Linear classification head."""
+import dataclasses
+
+import numpy as np
+
+from ..errors import CheckpointError, InputError, key_mismatches
+from ..weights import release_pages
+from .ops import get_ops
+
+
+class Linear:
+    """y = x @ weight (+ bias, added by whichever kernel consumes y), on the backend's GEMM."""
+
+    def __init__(self, ops, weight, bias):
+        self.weight = ops.pack_weight(weight)   # (in, out) float32, in the backend's layout
+        self.bias = bias                        # (out,)
+        self._matmul = ops.matmul
+        if self.weight is not weight:           # packed into a copy: the file's pages are no longer needed
+            release_pages(weight)
+
+    def matmul(self, x, out=None):
+        return self._matmul(x, self.weight, out)
+
+
+class Norm:
+    def __init__(self, t, prefix):
+        self.weight = t[prefix + ".weight"]
+        self.bias = t[prefix + ".bias"]
+
+
+def check_image_batch(x, model_name, min_size, factor):
+    """The checks of a model input: a float32 NCHW numpy array (B, 3, H, W) with H, W >= min_size (the model
+    downsamples by `factor`). Returns it C-contiguous."""
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"expected a numpy array of shape (B, 3, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise InputError(f"expected a 4-D NCHW array (B, 3, H, W), got shape {x.shape}"
+                         + ("; add a batch axis with x[None]" if x.ndim == 3 else ""))
+    if x.shape[1] != 3:
+        hint = "; the input looks channels-last (NHWC): pass x.transpose(0, 3, 1, 2)" if x.shape[-1] == 3 else ""
+        raise InputError(f"expected 3 channels in axis 1 (NCHW), got shape {x.shape}{hint}")
+    if x.dtype != np.float32:
+        raise InputError(f"expected float32 input, got {x.dtype}; convert with x.astype(np.float32)")
+    if min(x.shape[2:]) < min_size:
+        raise InputError(f"image {x.shape[2]}x{x.shape[3]} is too small: {model_name} needs at least "
+                         f"{min_size}x{min_size} pixels (it downsamples by {factor})")
+    return np.ascontiguousarray(x)
+
+
+class Classifier:
+    """forward_head and __call__ of a model whose head is LayerNorm -> mean over tokens -> Linear. Subclasses
+    have config (num_classes), _ops, norm, head, LN_EPS, NO_HEAD (the error without a head), _check_input(x)
+    and _stages(x, keep_early) yielding (tokens (B*h*w, C), h, w) per stage, the last being the output."""
+
+    def _setup(self, cfg, tensors, backend, source, check_tensors):
+        """Checks the tensors against cfg and sets config, source, backend, _ops; returns the tensors as
+        float32 C-contiguous arrays (the given ones where they already are)."""
+        check_tensors(tensors, cfg)
+        self.config = cfg
+        self.source = source or {}
+        self.backend = backend
+        self._ops = get_ops(backend)
+        return {k: v if v.dtype == np.float32 and v.flags.c_contiguous else np.ascontiguousarray(v, np.float32)
+                for k, v in tensors.items()}
+
+    def forward_head(self, tokens, b):
+        """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
+        normed = self._ops.layernorm(tokens, self.norm.weight, self.norm.bias, self.LN_EPS, np.empty_like(tokens))
+        pooled = normed.reshape(b, -1, normed.shape[1]).mean(axis=1, dtype=np.float64).astype(np.float32)
+        return self.head.matmul(pooled) + self.head.bias
+
+    def __call__(self, x):
+        """x (B, 3, H, W) float32 -> logits (B, num_classes) float32."""
+        if not self.config.num_classes:
+            raise InputError(self.NO_HEAD)
+        x = self._check_input(x)
+        if x.shape[0] == 0:
+            return np.zeros((0, self.config.num_classes), np.float32)
+        for tokens, _, _ in self._stages(x, keep_early=False):
+            pass
+        return self.forward_head(tokens, x.shape[0])
+
+
+def head_shapes(features, num_classes):
+    """The classifier's tensors (final LayerNorm and Linear) in engine layout; none for a backbone."""
+    if not num_classes:
+        return {}
+    return {"norm.weight": (features,), "norm.bias": (features,),
+            "head.weight": (features, num_classes), "head.bias": (num_classes,)}
+
+
+def check_tensor_shapes(tensors, expected, model_name, where="weights"):
+    """Missing, unexpected or mis-shaped tensors are one error that names them."""
+    problems = key_mismatches({k: tuple(v.shape) for k, v in tensors.items()}, expected)
+    if problems:
+        raise CheckpointError(f"{where} do not fit this {model_name} config: " + "; ".join(problems))
+
+
+def draw_tensors(shapes, draw, seed):
+    """name -> float32 array for every name -> shape, in order, from draw(rng, name, leaf, shape) with one
+    seeded generator (leaf = the name's last dotted part)."""
+    rng = np.random.default_rng(seed)
+    return {name: np.asarray(draw(rng, name, name.rsplit(".", 1)[1], shape)).astype(np.float32)
+            for name, shape in shapes.items()}
+
+
+class ConfigDict:
+    """to_dict / from_dict of a model config dataclass (tuples as JSON lists); NAME names it in errors."""
+
+    NAME = "model"
+
+    def to_dict(self):
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.NAME} config fields {sorted(unknown)}")
+        return cls(**d)
