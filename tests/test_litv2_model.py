@@ -14,6 +14,7 @@ from hypothesis import example, given, settings, strategies as st
 import qnalo
 from qnalo.models.litv2 import LITv2
 from qnalo.models.litv2_config import LITV2_VARIANTS, LITv2Config
+from model_helpers import BAD_INPUTS, check_non_contiguous_input, image, torch_run
 from tolerances import assert_logits_close
 
 torch = pytest.importorskip("torch")
@@ -36,18 +37,6 @@ def _reference_from_config(cfg, seed):
                      window_sizes=cfg.window_sizes, alpha=cfg.alpha, mlp_ratio=cfg.mlp_ratio,
                      num_classes=cfg.num_classes, out_norms=cfg.out_norms or None).eval()
     return randomize_(ref, seed=seed, offset_std=2.0)
-
-
-def _image(seed, b, h, w):
-    return np.random.default_rng(seed).standard_normal((b, 3, h, w)).astype(np.float32)
-
-
-def _torch_run(ref, x, features=False):
-    with torch.inference_mode():
-        t = torch.from_numpy(x)
-        if features:
-            return [f.numpy() for f in ref.forward_features(t)]
-        return ref(t).numpy()
 
 
 @st.composite
@@ -74,12 +63,12 @@ def small_configs(draw):
 def test_parity_random_configs(cfg, seed, b, h, w, backend):
     ref = _reference_from_config(cfg, seed)
     model = _engine_from_reference(ref, cfg, backend)
-    x = _image(seed, b, h, w)
+    x = image(seed, b, h, w)
     feats = model.forward_features(x)
-    for i, (f, r) in enumerate(zip(feats, _torch_run(ref, x, features=True))):
+    for i, (f, r) in enumerate(zip(feats, torch_run(ref, x, features=True))):
         assert_logits_close(f, r, what=f"stage {i} features", op="features")
     if cfg.num_classes:
-        assert_logits_close(model(x), _torch_run(ref, x), what="logits")
+        assert_logits_close(model(x), torch_run(ref, x), what="logits")
 
 
 def _full_size(name, sizes, b=1, seed=0, out_norms=None):
@@ -90,12 +79,12 @@ def _full_size(name, sizes, b=1, seed=0, out_norms=None):
     randomize_(ref, seed=seed, offset_std=1.0)
     model = _engine_from_reference(ref, cfg)
     for h, w in sizes:
-        x = _image(seed, b, h, w)
+        x = image(seed, b, h, w)
         if out_norms:
-            for i, (f, r) in enumerate(zip(model.forward_features(x), _torch_run(ref, x, features=True))):
+            for i, (f, r) in enumerate(zip(model.forward_features(x), torch_run(ref, x, features=True))):
                 assert_logits_close(f, r, what=f"{name} {h}x{w} stage {i}", op="features")
         else:
-            assert_logits_close(model(x), _torch_run(ref, x), what=f"{name} {h}x{w} logits")
+            assert_logits_close(model(x), torch_run(ref, x), what=f"{name} {h}x{w} logits")
 
 
 @pytest.mark.slow
@@ -125,14 +114,8 @@ def tiny_model():
     return _engine_from_reference(ref, cfg), ref
 
 
-@pytest.mark.parametrize("x,message", [
-    (np.zeros((3, 32, 32), np.float32), "4-D NCHW"),
-    (np.zeros((1, 32, 32, 3), np.float32), "channels-last"),
-    (np.zeros((1, 1, 32, 32), np.float32), "3 channels"),
-    (np.zeros((1, 3, 32, 32), np.float64), "float32"),
-    (np.zeros((1, 3, 32, 32), np.uint8), "float32"),
+@pytest.mark.parametrize("x,message", BAD_INPUTS + [
     (np.zeros((1, 3, 28, 64), np.float32), "too small"),
-    ([[[[0.0]]]], "numpy array"),
 ])
 def test_bad_input_is_a_clear_error(tiny_model, x, message):
     model, _ = tiny_model
@@ -142,11 +125,8 @@ def test_bad_input_is_a_clear_error(tiny_model, x, message):
 
 def test_non_contiguous_input_just_works(tiny_model):
     model, ref = tiny_model
-    x = _image(3, 2, 40, 36)
-    strided = np.ascontiguousarray(x[:, ::-1].transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)[:, ::-1]
-    assert not strided.flags.c_contiguous
-    np.testing.assert_array_equal(model(strided), model(x))
-    assert_logits_close(model(strided), _torch_run(ref, x))
+    x = image(3, 2, 40, 36)
+    check_non_contiguous_input(model, ref, x)
 
 
 def test_empty_batch(tiny_model):
@@ -161,7 +141,7 @@ def test_non_finite_input_stays_in_its_image(tiny_model, bad):
     # NaN/Inf follow the arithmetic (a DTM sample at a NaN position is 0, as in the official CUDA kernel);
     # the kernels must agree with the NumPy reference and never leak into the other images of the batch
     model, ref = tiny_model
-    x = _image(0, 2, 32, 32)
+    x = image(0, 2, 32, 32)
     x[0, 0, 5, 5] = bad
     logits = model(x)
     reference = LITv2(model.config, _engine_tensors(ref, model.config), backend="numpy")(x)
@@ -173,7 +153,7 @@ def test_dense_model_has_no_head():
     cfg = LITv2Config(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), num_classes=0, out_norms=(1, 2, 3))
     ref = _reference_from_config(cfg, 0)
     with pytest.raises(qnalo.InputError, match="forward_features"):
-        _engine_from_reference(ref, cfg)(_image(0, 1, 32, 32))
+        _engine_from_reference(ref, cfg)(image(0, 1, 32, 32))
 
 
 # -- API ---------------------------------------------------------------------------------------------------------
@@ -216,7 +196,7 @@ def test_numba_and_numpy_backends_agree_on_litv2_s():
         warnings.simplefilter("ignore")
         fast = qnalo.create_model("litv2_s")
         slow = qnalo.create_model("litv2_s", backend="numpy")
-    x = _image(0, 1, 96, 128)
+    x = image(0, 1, 96, 128)
     assert_logits_close(fast(x), slow(x))
 
 
@@ -224,7 +204,7 @@ def test_threads_share_a_model(tiny_model):
     # kernels release the GIL and run concurrently: shared read-only weights, per-call buffers
     import threading
     model, _ = tiny_model
-    images = [_image(i, 2, 48, 40) for i in range(4)]
+    images = [image(i, 2, 48, 40) for i in range(4)]
     expected = [model(x) for x in images]
     results, errors = {}, []
 

@@ -1,0 +1,36 @@
+"""Helpers the end-to-end model tests share: random images, running a PyTorch reference, the bad inputs every
+model must refuse with a clear InputError, and the non-contiguous-input check."""
+import numpy as np
+
+from tolerances import assert_logits_close
+
+# (input, what the InputError must say); a model test adds its own size errors
+BAD_INPUTS = [
+    (np.zeros((3, 32, 32), np.float32), "4-D NCHW"),
+    (np.zeros((1, 32, 32, 3), np.float32), "channels-last"),
+    (np.zeros((1, 1, 32, 32), np.float32), "3 channels"),
+    (np.zeros((1, 3, 32, 32), np.float64), "float32"),
+    (np.zeros((1, 3, 32, 32), np.uint8), "float32"),
+    ([[[[0.0]]]], "numpy array"),
+]
+
+
+def image(seed, b, h, w):
+    return np.random.default_rng(seed).standard_normal((b, 3, h, w)).astype(np.float32)
+
+
+def torch_run(ref, x, features=False):
+    import torch
+    with torch.inference_mode():
+        t = torch.from_numpy(x)
+        if features:
+            return [f.numpy() for f in ref.forward_features(t)]
+        return ref(t).numpy()
+
+
+def check_non_contiguous_input(model, ref, x):
+    """A strided view of x gives bit-identical logits to x itself, and matches the reference."""
+    strided = np.ascontiguousarray(x[:, ::-1].transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)[:, ::-1]
+    assert not strided.flags.c_contiguous
+    np.testing.assert_array_equal(model(strided), model(x))
+    assert_logits_close(model(strided), torch_run(ref, x))
