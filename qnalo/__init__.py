@@ -2,7 +2,8 @@
 
     >>> import qnalo
     >>> qnalo.list_models()
-    ['litv2_b', 'litv2_b_384', 'litv2_m', 'litv2_s', 'qna_vit_base', 'qna_vit_small', 'qna_vit_tiny', 'qna_vit_tiny_7x7']
+    ['litv2_b', 'litv2_b_384', 'litv2_m', 'litv2_s', 'qna_vit_base', 'qna_vit_small', 'qna_vit_tiny',
+     'qna_vit_tiny_7x7']
     >>> model = qnalo.load("litv2_s.safetensors")        # a file written by `qnalo convert`
     >>> logits = model(images)                            # float32 NCHW (B, 3, H, W) -> (B, 1000)
     >>> feats = model.forward_features(images)            # 4 maps (B, C_i, H_i, W_i)

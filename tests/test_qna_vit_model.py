@@ -104,8 +104,9 @@ def test_tiny_numpy_backend_odd_sizes():
 
 # -- tensor tables and parameter counts ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,params,leaves", [("qna_vit_tiny", 15_715_560, 214), ("qna_vit_tiny_7x7", 15_753_960, 214),
-                                                ("qna_vit_small", 24_971_560, 358), ("qna_vit_base", 55_670_008, 358)])
+@pytest.mark.parametrize("name,params,leaves", [
+    ("qna_vit_tiny", 15_715_560, 214), ("qna_vit_tiny_7x7", 15_753_960, 214),
+    ("qna_vit_small", 24_971_560, 358), ("qna_vit_base", 55_670_008, 358)])
 def test_tensor_table_matches_the_reference(name, params, leaves):
     shapes = engine_tensor_shapes(QNA_VIT_VARIANTS[name])
     mapped = engine_tensors(qna_vit_reference(name).state_dict())
