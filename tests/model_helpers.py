@@ -34,3 +34,13 @@ def check_non_contiguous_input(model, ref, x):
     assert not strided.flags.c_contiguous
     np.testing.assert_array_equal(model(strided), model(x))
     assert_logits_close(model(strided), torch_run(ref, x))
+
+
+def check_non_finite_stays_in_its_image(model, numpy_model, bad):
+    """A NaN/Inf pixel in image 0 of a batch of 2 (32x32): the kernels put NaN where the NumPy reference ops
+    do, and image 1 is the same as alone."""
+    x = image(0, 2, 32, 32)
+    x[0, 0, 5, 5] = bad
+    logits = model(x)
+    np.testing.assert_array_equal(np.isnan(logits), np.isnan(numpy_model(x)))
+    assert_logits_close(logits[1:], model(np.ascontiguousarray(x[1:])))

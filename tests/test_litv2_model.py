@@ -14,7 +14,8 @@ from hypothesis import example, given, settings, strategies as st
 import qnalo
 from qnalo.models.litv2 import LITv2
 from qnalo.models.litv2_config import LITV2_VARIANTS, LITv2Config
-from model_helpers import BAD_INPUTS, check_non_contiguous_input, image, torch_run
+from model_helpers import (BAD_INPUTS, check_non_contiguous_input, check_non_finite_stays_in_its_image, image,
+                           torch_run)
 from tolerances import assert_logits_close
 
 torch = pytest.importorskip("torch")
@@ -141,12 +142,8 @@ def test_non_finite_input_stays_in_its_image(tiny_model, bad):
     # NaN/Inf follow the arithmetic (a DTM sample at a NaN position is 0, as in the official CUDA kernel);
     # the kernels must agree with the NumPy reference and never leak into the other images of the batch
     model, ref = tiny_model
-    x = image(0, 2, 32, 32)
-    x[0, 0, 5, 5] = bad
-    logits = model(x)
-    reference = LITv2(model.config, _engine_tensors(ref, model.config), backend="numpy")(x)
-    np.testing.assert_array_equal(np.isnan(logits), np.isnan(reference))
-    assert_logits_close(logits[1:], model(np.ascontiguousarray(x[1:])))
+    check_non_finite_stays_in_its_image(model, LITv2(model.config, _engine_tensors(ref, model.config), backend="numpy"),
+                                        bad)
 
 
 def test_dense_model_has_no_head():

@@ -2,6 +2,7 @@
 
 The PyTorch reference (tests/reference/qna_vit_torch.py) is written in the project's PyTorch layout of QnA-ViT;
 its engine_tensors() maps a state dict to the engine's layout (docs/format.md)."""
+import os
 import subprocess
 import sys
 import warnings
@@ -14,7 +15,8 @@ import qnalo
 from qnalo.models.qna_vit import QnAViT, engine_tensor_shapes, random_tensors, stage_sides
 from qnalo.models.qna_vit_config import QNA_VIT_VARIANTS, QnAViTConfig
 from qnalo.weights import save_weights
-from model_helpers import BAD_INPUTS, check_non_contiguous_input, image, torch_run
+from model_helpers import (BAD_INPUTS, check_non_contiguous_input, check_non_finite_stays_in_its_image, image,
+                           torch_run)
 from tolerances import assert_logits_close
 
 torch = pytest.importorskip("torch")
@@ -224,3 +226,23 @@ def test_inference_never_imports_torch():
             "m = qnalo.create_model('qna_vit_tiny', embed_dim=8, qna_heads=(1, 2, 4, 8), msa_heads=(1, 2, 4, 8));"
             "m(np.zeros((1, 3, 224, 224), np.float32)); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_input_stays_in_its_image(small_model, bad):
+    # every op mixes tokens only within one image; the kernels agree with the NumPy reference on where NaN goes
+    model, ref = small_model
+    check_non_finite_stays_in_its_image(model, QnAViT(model.config, engine_tensors(ref.state_dict()), backend="numpy"),
+                                        bad)
+
+
+def test_runs_with_numba_jit_disabled():
+    # NUMBA_DISABLE_JIT=1 (debugging) runs the QnA, MSA and GELU kernels as plain Python; results must not change
+    code = ("import warnings, numpy as np, qnalo; warnings.simplefilter('ignore');"
+            "kw = dict(embed_dim=4, qna_depths=(1, 0, 0, 0), msa_depths=(0, 0, 0, 1), qna_heads=(2, 2, 4, 8),"
+            " msa_heads=(1, 1, 1, 2), msa_windows=(7, 7, 7, 1), num_classes=3);"
+            "x = np.random.default_rng(0).random((2, 3, 13, 9), dtype=np.float32);"
+            "d = np.abs(qnalo.create_model('qna_vit_tiny', **kw)(x)"
+            " - qnalo.create_model('qna_vit_tiny', backend='numpy', **kw)(x));"
+            "assert d.max() < 1e-5, d.max()")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "NUMBA_DISABLE_JIT": "1"})
