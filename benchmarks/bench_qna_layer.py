@@ -1,0 +1,129 @@
+"""The QnA layer alone: qnalo's fused window kernel vs a PyTorch eager implementation of the official
+grouped-convolution formulation (tests/reference/qna_torch.py), at QnA-ViT-Tiny's first stage (56x56x64,
+8 heads, 2 queries, stride 1, batch 1), k = 3 and 7, 2 threads each; and the peak extra memory of one call for
+k = 3, 7, 11, 15 beside overlapping local self-attention (SASA: keys and values unfolded over each k x k
+neighbourhood, which grows as k^2).
+
+Run:  python -m pytest benchmarks/bench_qna_layer.py      (writes benchmarks/results/qna_layer_latest.md)
+"""
+import harness  # noqa: F401  (first: pins the thread variables before numpy loads)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SIZE, CHANNELS, HEADS, QUERIES = 56, 64, 8, 2
+TIMED_K = (3, 7)
+MEMORY_K = (3, 7, 11, 15)
+TIMES = {}   # (engine, k) -> median seconds
+
+# Builds one engine's layer for window size K and defines run(); shared by the timing and memory runs.
+SETUP = f"""
+import sys, numpy as np, torch
+sys.path.insert(0, {harness.TESTS!r})
+torch.set_num_threads({harness.THREADS})
+from reference.qna_torch import FusedKQnA, randomize_, engine_weights
+from qnalo.kernels.qna import qna_attention
+S, C, H, NQ = {SIZE}, {CHANNELS}, {HEADS}, {QUERIES}
+x = np.random.default_rng(0).standard_normal((1, S, S, C)).astype(np.float32)
+layer = randomize_(FusedKQnA(C, C, H, K, 1, NQ), seed=0).eval()
+# prepare(x NHWC numpy) -> the engine's input; run(prepared) -> the layer's output
+if ENGINE == "qnalo":
+    w = {{n: a.astype(np.float32) for n, a in engine_weights(layer.state_dict(), H).items()}}
+    prepare = lambda a: a  # noqa: E731
+    def run(a):
+        return qna_attention(a, w["w_in"], w["w_out"], w["rpe"], w["attn_scale"], H, 1)
+elif ENGINE == "torch":
+    prepare = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    def run(a):
+        with torch.inference_mode():
+            return layer(a)
+else:   # SASA, the overlapping local self-attention QnA replaces
+    prepare = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    wq, wk, wv = (torch.randn(C, C) / C ** 0.5 for _ in range(3))
+    def run(a):
+        b, _, s1, s2 = a.shape
+        with torch.inference_mode():
+            flat = a.flatten(2).transpose(1, 2)                                    # (1, s1*s2, C)
+            q, k, v = (flat @ m for m in (wq, wk, wv))
+            unfold = lambda t: torch.nn.functional.unfold(                         # (1, C*K*K, s1*s2)
+                t.transpose(1, 2).reshape(b, C, s1, s2), K, padding=(K - 1) // 2)
+            keys = unfold(k).reshape(b, H, C // H, K * K, s1 * s2)
+            vals = unfold(v).reshape(b, H, C // H, K * K, s1 * s2)
+            logits = (q.transpose(1, 2).reshape(b, H, C // H, 1, s1 * s2) * keys).sum(2)
+            return (logits.softmax(2).unsqueeze(2) * vals).sum(3)
+"""
+
+
+@pytest.mark.parametrize("engine", ["qnalo", "torch"])
+@pytest.mark.parametrize("k", TIMED_K)
+def bench_qna_layer(benchmark, engine, k):
+    scope = {"ENGINE": engine, "K": k}
+    exec(SETUP, scope)
+    run, x = scope["run"], scope["prepare"](scope["x"])
+    if engine == "qnalo":   # same weights: the engine matches the reference before it is timed
+        import torch
+        xt = torch.from_numpy(scope["x"].transpose(0, 3, 1, 2).copy())
+        with torch.no_grad():
+            ref = scope["layer"](xt).numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(run(x), ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+    benchmark.group = f"qna-layer-{SIZE}x{SIZE}x{CHANNELS}-k{k}"
+    benchmark.pedantic(run, args=(x,), rounds=30, warmup_rounds=3, iterations=1)
+    if benchmark.stats is not None:
+        TIMES[(engine, k)] = benchmark.stats.stats.median
+
+
+PROBE = """
+import os
+def _kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+{setup}
+run(prepare(x[:, :8, :8]))                 # load the kernels on a small map, so the full call's buffers are new
+full = prepare(x)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                           # reset the peak RSS to the current RSS
+before = _kib("VmRSS")
+run(full)
+print(_kib("VmHWM") - before)
+"""
+
+
+def _peak_extra_kib(engine, k):
+    code = f"ENGINE, K = {engine!r}, {k}\n" + PROBE.format(setup=SETUP)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": harness.ROOT})
+    if out.returncode:
+        raise RuntimeError(out.stderr[-500:])
+    return int(out.stdout.split()[-1])
+
+
+def bench_peak_memory_and_report():
+    """Fresh process per engine and k: peak RSS of one full-size call above the RSS before it (kernels loaded
+    on a small map first); then the report."""
+    memory = {(e, k): _peak_extra_kib(e, k) for e in ("qnalo", "torch", "sasa") for k in MEMORY_K}
+    lines = [f"# QnA layer, {SIZE}x{SIZE}x{CHANNELS}, {HEADS} heads, {QUERIES} queries, stride 1, batch 1, "
+             f"{harness.THREADS} threads", "",
+             "Command: `python -m pytest benchmarks/bench_qna_layer.py`", "",
+             "| k | qnalo median ms | PyTorch (official grouped-conv form) median ms | PyTorch / qnalo |",
+             "|---:|---:|---:|---:|"]
+    for k in TIMED_K:
+        if ("qnalo", k) in TIMES and ("torch", k) in TIMES:
+            q, t = TIMES[("qnalo", k)], TIMES[("torch", k)]
+            lines.append(f"| {k} | {q * 1e3:.2f} | {t * 1e3:.2f} | {t / q:.1f}x |")
+    lines += ["", "Peak extra memory of one call (VmHWM after it minus VmRSS before it, fresh process, first "
+              "full-size call), MiB:", "",
+              "| k | qnalo | PyTorch QnA (grouped conv) | PyTorch SASA (unfold) |", "|---:|---:|---:|---:|"]
+    for k in MEMORY_K:
+        lines.append(f"| {k} | " + " | ".join(f"{memory[(e, k)] / 1024:.1f}" for e in ("qnalo", "torch", "sasa"))
+                     + " |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(harness.RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(harness.RESULTS_DIR, "qna_layer_latest.md"), "w") as f:
+        f.write(text)
+    print("\n" + text)
+    print(json.dumps({f"{e}-k{k}": v for (e, k), v in memory.items()}))
