@@ -40,11 +40,13 @@ def _run(parser, argv):
         return 1
 
 
-_CONVERT_HELP = "Convert an official checkpoint (.pth or .safetensors state dict) into a qnalo weights file."
+_CONVERT_HELP = ("Convert an official checkpoint (.pth or .safetensors state dict, or a Flax checkpoint_<step> file or "
+                 "folder) into a qnalo weights file.")
 
 
 def _add_convert_arguments(parser):
-    parser.add_argument("src", metavar="SRC", help="official checkpoint (.pth, or .safetensors state dict)")
+    parser.add_argument("src", metavar="SRC",
+                        help="official checkpoint: .pth, .safetensors state dict, Flax checkpoint_<step> or its folder")
     parser.add_argument("dst", metavar="DST", help="qnalo weights file to write (.safetensors)")
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     parser.add_argument("--img-size", type=_positive_int, metavar="N",

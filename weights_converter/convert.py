@@ -1,23 +1,36 @@
 """Official checkpoint -> qnalo weights file: read, unwrap, detect the architecture family, convert, write.
 
-Sources: a torch `.pth` (classification `{'model': sd}`, a training checkpoint with optimizer and yacs config
-beside it, an mmdet/mmseg `{'state_dict': {'backbone.*', 'neck.*', ...}, 'meta'}`, or a raw state dict), or a
-`.safetensors` raw state dict with the official key names.
+Sources, told apart by their first bytes (then by name): a torch `.pth` zip (classification `{'model': sd}`, a
+training checkpoint with optimizer and yacs config beside it, an mmdet/mmseg `{'state_dict': {'backbone.*',
+'neck.*', ...}, 'meta'}`, or a raw state dict; a legacy non-zip pickle is refused with how to re-save it), a
+`.safetensors` raw state dict with the official key names, or an official Flax (QnA-ViT) msgpack checkpoint:
+a `checkpoint_<step>` file, or a folder of them (the highest step is read). State dicts are LITv2 (official
+keys) or QnA-ViT (the project's PyTorch layout); Flax trees are QnA-ViT.
 """
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from qnalo.errors import CheckpointError
+from qnalo.errors import CheckpointError, name_list
 from qnalo.weights import FORMAT_MAGIC, save_weights
+from qnalo.weights_converter.flax_reader import find_checkpoint, flax_params, read_flax_checkpoint
 from qnalo.weights_converter.litv2 import convert_litv2, not_litv2_reason
 from qnalo.weights_converter.pth_reader import load_pth
+from qnalo.weights_converter.qna_vit import QUERY_SEMANTICS, TORCH_SIGNATURE as QNA_VIT_SIGNATURE
+from qnalo.weights_converter.qna_vit import convert_qna_vit_flax, convert_qna_vit_torch, not_qna_vit_reason
 
 # Family name -> (why a state dict is not of this family, or None; its converter). A converter takes the
 # state dict and the keyword hints that `convert` passes, and returns (tensors, config, variant, ignored keys).
-FAMILIES = {"litv2": (not_litv2_reason, convert_litv2)}
+FAMILIES = {"litv2": (not_litv2_reason, convert_litv2), "qna_vit": (not_qna_vit_reason, convert_qna_vit_torch)}
+# Flax trees hold QnA-ViT only: (family, converter of the flattened params).
+FLAX_FAMILY = ("qna_vit", convert_qna_vit_flax)
+# TrainState fields beside `params` (flax.training.checkpoints.save_checkpoint): not needed for inference.
+FLAX_TRAINING_ENTRIES = ("step", "opt_state", "batch_stats", "dynamic_scale")
+PTH_SUFFIXES = (".pth", ".pt", ".pkl", ".bin", ".tar", ".ckpt")
+FLAX_CHECKPOINT_NAME = re.compile(r"checkpoint_\d+$")
 # Parts of dense (mmdet/mmseg) models that are not the backbone: deliberately left out.
 DENSE_HEAD_PREFIXES = ("neck.", "bbox_head.", "rpn_head.", "roi_head.", "decode_head.", "auxiliary_head.")
 TRAINING_ENTRIES = ("optimizer", "lr_scheduler", "config", "amp")
@@ -26,9 +39,10 @@ TRAINING_ENTRIES = ("optimizer", "lr_scheduler", "config", "amp")
 @dataclass
 class SourceCheckpoint:
     state_dict: dict                 # official key names (no module./backbone. prefix) -> arrays
-    format: str                      # pth-classification | pth-training | pth-dense | state-dict | safetensors
+    format: str                      # pth-* | state-dict | safetensors | flax-checkpoint | flax-params
     yacs_config: object = None       # the pickled training config (an inert dict stub), if any
     ignored_keys: list = field(default_factory=list)  # source keys deliberately left out
+    path: str = None                 # the file read (a Flax folder: its latest checkpoint_<step>)
 
 
 def convert(src, dst, force=False, img_size=None, window_sizes=None):
@@ -39,9 +53,13 @@ def convert(src, dst, force=False, img_size=None, window_sizes=None):
     src, dst = os.fspath(src), os.fspath(dst)
     _check_destination(dst, force)
     checkpoint = read_checkpoint(src)
+    src = checkpoint.path or src
     try:
-        family = detect_family(checkpoint.state_dict)
-        _, family_converter = FAMILIES[family]
+        if checkpoint.format.startswith("flax"):
+            family, family_converter = FLAX_FAMILY
+        else:
+            family = detect_family(checkpoint.state_dict)
+            _, family_converter = FAMILIES[family]
         tensors, config, variant, ignored = family_converter(
             checkpoint.state_dict, file_name=os.path.basename(src), yacs_config=checkpoint.yacs_config,
             img_size=img_size, window_sizes=window_sizes)
@@ -51,14 +69,22 @@ def convert(src, dst, force=False, img_size=None, window_sizes=None):
               "variant": variant, "ignored_keys": sorted(checkpoint.ignored_keys + ignored)}
     if variant is None:
         del source["variant"]
+    if family == "qna_vit":
+        source["query"] = QUERY_SEMANTICS   # q_param holds the raw official query (spec qna.md 6.4)
     save_weights(dst, tensors, family, config.to_dict(), source=source, force=force)
     return {"path": dst, "architecture": family, "variant": variant, "config": config.to_dict(),
             "params": parameter_count(tensors), "tensors": len(tensors), "source": source}
 
 
 def read_checkpoint(path):
-    """Read `path` (.pth or .safetensors) and unwrap its state dict."""
-    is_safetensors = path.endswith(".safetensors")
+    """Read `path` (any source format of the module docstring) and unwrap its state dict or Flax params."""
+    kind = source_kind(path)
+    if kind == "flax":
+        return read_flax(path)
+    if kind == "unknown":
+        raise CheckpointError(f"{path}: not a checkpoint qnalo can read: neither a PyTorch .pth (a zip archive), "
+                              "a Flax msgpack checkpoint_<step> file nor a .safetensors state dict")
+    is_safetensors = kind == "safetensors"
     obj = _read_safetensors(path) if is_safetensors else load_pth(path)
     try:
         checkpoint = unwrap_checkpoint(obj)
@@ -67,6 +93,41 @@ def read_checkpoint(path):
     if is_safetensors:
         checkpoint.format = "safetensors"
     return checkpoint
+
+
+def source_kind(path):
+    """'pth', 'safetensors', 'flax' or 'unknown', from the first bytes of the file (a folder: 'flax')."""
+    if os.path.isdir(path):
+        return "flax"
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    if not os.path.isfile(path):
+        return "pth"          # load_pth names the missing file
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pth"          # a zip archive, or a pickle (legacy torch.save: load_pth says how to re-save it)
+    if head[:1] and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return "flax"         # a msgpack map: what flax.serialization writes at the top
+    if FLAX_CHECKPOINT_NAME.match(os.path.basename(path)):
+        return "flax"         # named like one: the Flax reader says what is wrong
+    return "pth" if path.lower().endswith(PTH_SUFFIXES) else "unknown"
+
+
+def read_flax(path):
+    """A Flax checkpoint (TrainState {step, params, opt_state, ...} or a bare params tree) -> its flat params;
+    the TrainState's other fields are recorded as ignored."""
+    path = find_checkpoint(path)
+    tree = read_flax_checkpoint(path)
+    if "params" not in tree and "StemBlock_0" in tree:   # a bare params tree (spec qna.md 11, question 1)
+        return SourceCheckpoint(flax_params({"params": tree}, path), "flax-params", path=path)
+    params = flax_params(tree, path)
+    unexpected = [str(key) for key in tree if key != "params" and key not in FLAX_TRAINING_ENTRIES]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected top-level entries {name_list(unexpected)} beside params "
+                              f"(a Flax TrainState has {', '.join(FLAX_TRAINING_ENTRIES)})")
+    return SourceCheckpoint(params, "flax-checkpoint", path=path,
+                            ignored_keys=[key for key in FLAX_TRAINING_ENTRIES if key in tree])
 
 
 def unwrap_checkpoint(obj):
@@ -79,6 +140,8 @@ def unwrap_checkpoint(obj):
                                 yacs_config=obj.get("config"))
     if isinstance(obj.get("state_dict"), dict):
         if not any(str(key).startswith(("backbone.", "module.backbone.")) for key in obj["state_dict"]):
+            if any(str(key).removeprefix("module.") in QNA_VIT_SIGNATURE for key in obj["state_dict"]):
+                return SourceCheckpoint(_strip_module(obj["state_dict"]), "pth-state-dict")   # a QnA-ViT layout
             raise CheckpointError("a dense checkpoint ('state_dict') without backbone.* keys")
         state_dict, ignored = {}, []
         for key, value in _strip_module(obj["state_dict"]).items():
