@@ -35,3 +35,13 @@ def key_mismatches(shapes, expected, limit=10):
              for key in shapes if key in expected and shapes[key] != expected[key]]
     return [f"{what}: {name_list(items, limit)}" for what, items in
             (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
+
+
+def missing_signature(keys, signature, what, found=None):
+    """None when every key of `signature` is among `keys`; else "<what>: no <missing>", followed by
+    "(<found> found: <a few keys>)" when `found` names them. Tells a checkpoint of one family from another."""
+    missing = [key for key in signature if key not in keys]
+    if not missing:
+        return None
+    reason = f"{what}: no {name_list(missing)}"
+    return reason if found is None else f"{reason} ({found} found: {name_list(sorted(keys), limit=5) or 'none'})"

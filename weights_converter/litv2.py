@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from qnalo.errors import CheckpointError, key_mismatches, name_list
+from qnalo.errors import CheckpointError, key_mismatches, missing_signature, name_list
 from qnalo.models.litv2_config import LITV2_VARIANTS, LITv2Config
 
 HEAD_DIM = 32
@@ -36,11 +36,7 @@ def is_training_counter(key):
 
 def not_litv2_reason(state_dict):
     """Why `state_dict` is not a LITv2 state dict (official key names), or None when it looks like one."""
-    missing = [key for key in SIGNATURE_KEYS if key not in state_dict]
-    if not missing:
-        return None
-    found = name_list(sorted(state_dict), limit=5) or "none"
-    return f"does not look like a LITv2 checkpoint: no {name_list(missing)} (keys found: {found})"
+    return missing_signature(state_dict, SIGNATURE_KEYS, "does not look like a LITv2 checkpoint", "keys")
 
 
 def convert_litv2(state_dict, file_name="", yacs_config=None, img_size=None, window_sizes=None, head_dim=HEAD_DIM):

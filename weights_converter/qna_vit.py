@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from qnalo.errors import CheckpointError, key_mismatches, name_list
+from qnalo.errors import CheckpointError, key_mismatches, missing_signature
 from qnalo.models.qna_vit import engine_tensor_shapes
 from qnalo.models.qna_vit_config import QNA_VIT_VARIANTS, QnAViTConfig
 
@@ -102,18 +102,12 @@ def torch_shapes(cfg):
 
 def not_qna_vit_reason(state_dict):
     """Why a state dict is not in the QnA-ViT PyTorch layout, or None when it looks like one."""
-    missing = [key for key in TORCH_SIGNATURE if key not in state_dict]
-    if not missing:
-        return None
-    return f"not a QnA-ViT state dict (PyTorch layout) either: no {name_list(missing)}"
+    return missing_signature(state_dict, TORCH_SIGNATURE, "not a QnA-ViT state dict (PyTorch layout) either")
 
 
 def not_qna_vit_flax_reason(params):
-    missing = [key for key in FLAX_SIGNATURE if key not in params]
-    if not missing:
-        return None
-    found = name_list(sorted(params), limit=5) or "none"
-    return f"does not look like a QnA-ViT Flax checkpoint: no {name_list(missing)} (parameters found: {found})"
+    """Why a flattened Flax params tree is not QnA-ViT's, or None when it looks like it."""
+    return missing_signature(params, FLAX_SIGNATURE, "does not look like a QnA-ViT Flax checkpoint", "parameters")
 
 
 # -- conversion ---------------------------------------------------------------------------------------------
