@@ -1,5 +1,6 @@
 """Eight-lane float32 vectors for Numba kernels: a `vec8` type held in one AVX register, and the handful of
-operations a GEMM micro-kernel needs (load, store, broadcast, fused multiply-add, add).
+operations the GEMM micro-kernel and the QnA window kernel need (load, store, broadcast, fused multiply-add,
+add, multiply).
 
 LLVM does not turn a register-blocked GEMM written with scalars into vector code (a scalar 6x16 micro-kernel
 ran at 3.6 GFLOPS); written with these, the loop compiles to broadcast + vfmadd231ps on accumulators that
@@ -36,6 +37,9 @@ if nb.config.DISABLE_JIT:
 
     def vadd(a, b):
         return a + b
+
+    def vmul(a, b):
+        return a * b
 
 else:
     from llvmlite import ir
@@ -105,3 +109,7 @@ else:
     @intrinsic
     def vadd(typingctx, a, b):
         return vec8(a, b), lambda context, builder, sig, args: builder.fadd(*args)
+
+    @intrinsic
+    def vmul(typingctx, a, b):
+        return vec8(a, b), lambda context, builder, sig, args: builder.fmul(*args)

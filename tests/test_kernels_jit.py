@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from qnalo.kernels import _jit, deform_conv, dwconv_gelu, gemm, hilo, layernorm, softmax
+from qnalo.kernels import _jit, deform_conv, dwconv_gelu, gemm, hilo, layernorm, qna, softmax
 
 
 def _all_kernels(rng):
@@ -14,6 +14,15 @@ def _all_kernels(rng):
     qkv = rng.standard_normal((2, 7, 9, 3 * 2 * 4)).astype(np.float32)
     qkv_bias = rng.standard_normal(3 * 2 * 4).astype(np.float32)
     weight = gemm.PackedWeight(rng.standard_normal((24, 100)).astype(np.float32))   # 7 panels
+    lv = rng.standard_normal((3, 9, 11, 2 * 2 + 8)).astype(np.float32)   # 3 images: shares cross images
+    rpe, scale = (rng.standard_normal((9, 4)).astype(np.float32) for _ in range(2))
+
+    def qna_windows(logit_scale, stride):
+        scaled = lv.copy()
+        scaled[..., :4] *= logit_scale
+        out = np.empty((3, qna.qna_output_size(9, 3, stride), qna.qna_output_size(11, 3, stride), 8), np.float32)
+        return qna.qna_windows(scaled, rpe, scale, 2, stride, out)
+
     return {
         "gemm": gemm.matmul(x, weight),
         "layernorm": layernorm.layernorm(x, w, b, 1e-5, np.empty_like(x)),
@@ -23,6 +32,8 @@ def _all_kernels(rng):
         "dwconv": dwconv_gelu.dwconv3x3_gelu(img, img[0, 0, 0], np.ones((3, 3, 6), np.float32), img[1, 1, 1]),
         "deform": deform_conv.deform_sample(img, offsets),
         "hifi": hilo.hifi_attention(qkv, qkv_bias, 2, 2, 4, 0.5, np.zeros((2, 7, 9, 8), np.float32)),
+        # the factored path (its halo rows are rebuilt per share) and the per-window-max path (logits x 40)
+        **{f"qna_s{s}_x{m}": qna_windows(m, s) for s in (1, 2) for m in (1, 40)},
     }
 
 

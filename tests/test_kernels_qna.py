@@ -168,3 +168,39 @@ def test_split_matches_single_thread(monkeypatch, threads):
     monkeypatch.setattr(_jit, "NUM_THREADS", threads)
     monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
     np.testing.assert_array_equal(qna.qna_attention(**args), single)
+
+
+@given(seed=st.integers(0, 2**32 - 1), spread=st.floats(0.0, 79.0), stride=st.sampled_from([1, 2]),
+       k=st.sampled_from([1, 3, 5, 7]), h=st.integers(1, 13), w=st.integers(1, 13))
+@example(seed=0, spread=79.0, stride=1, k=7, h=13, w=13)
+@example(seed=1, spread=79.0, stride=2, k=3, h=1, w=13)
+def test_factored_path_holds_up_to_its_range_limit(seed, spread, stride, k, h, w):
+    # below FACTORED_RANGE (logit range + rpe range per column) qna_windows factors exp(logit + rpe) into
+    # per-cell and per-offset exponentials; the smallest factor, exp(-79.x), is still a normal float32
+    rng = np.random.default_rng(seed)
+    heads, nq, d = 2, 2, 3
+    lv = rng.standard_normal((2, h, w, nq * heads + heads * d)).astype(np.float32)
+    lv[..., :nq * heads] = rng.uniform(0.0, spread, (2, h, w, nq * heads))
+    lv[0, 0, 0, :nq * heads], lv[1, -1, -1, :nq * heads] = 0.0, spread   # the whole range in every column
+    rpe = rng.uniform(0.0, 0.5, (k * k, nq * heads)).astype(np.float32)
+    assert float(spread) + 0.5 < qna.FACTORED_RANGE
+    scale = rng.standard_normal((k * k, nq * heads)).astype(np.float32)
+    ho, wo = qna.qna_output_size(h, k, stride), qna.qna_output_size(w, k, stride)
+    out = _windows(qna.qna_windows, lv, rpe, scale, heads, stride, ho, wo)
+    ref = _windows(qna.qna_windows_ref, lv.astype(np.float64), rpe, scale, heads, stride, ho, wo)
+    assert np.isfinite(out).all()
+    assert_close(out, ref, "qna", scale=max(1.0, spread / math.sqrt(12)), what=f"logit range {spread}")
+
+
+def test_wide_logit_ranges_take_the_per_window_max_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(qna, "split_rows", lambda fn, *a: (calls.append(fn.__name__), _jit.split_rows(fn, *a)))
+    args = layer_args(9, 1, 6, 6, 4, 2, 2, 2, 3, 1, 1.0)
+    lv = (args["x"].reshape(-1, 4) @ args["w_in"]).reshape(1, 6, 6, -1)
+    for shift, kernel_name in ((0.0, "_qna_factored_rows"), (100.0, "_qna_rows")):
+        wide = lv.copy()
+        wide[0, 0, 0, 0] += shift
+        calls.clear()
+        out = _windows(qna.qna_windows, wide, args["rpe"], args["attn_scale"], 2, 1, 6, 6)
+        assert calls == [kernel_name]
+        assert_close(out, _windows(qna.qna_windows_ref, wide, args["rpe"], args["attn_scale"], 2, 1, 6, 6), "qna")
