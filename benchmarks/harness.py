@@ -1,4 +1,6 @@
-"""Shared pieces of the LITv2 benchmarks: thread pinning, artifacts, engine adapters, the report.
+"""Shared pieces of the whole-model benchmarks: thread pinning, artifacts, engine adapters, the report.
+
+The model is QNALO_BENCH_MODEL (default litv2_s; also any qna_vit_* name), at 224.
 
 Import this module before numpy (benchmarks/conftest.py does): it pins every thread pool to
 QNALO_BENCH_THREADS (default 2) through the environment.
@@ -25,7 +27,7 @@ TESTS = os.path.join(ROOT, "tests")
 RESULTS_DIR = os.path.join(HERE, "results")
 PROBE = os.path.join(HERE, "probe.py")
 
-VARIANT = "litv2_s"
+VARIANT = os.environ.get("QNALO_BENCH_MODEL", "litv2_s")
 IMG = 224
 SEED = 0
 CASES = {"latency_b1": 1, "throughput_b8": 8}
@@ -59,11 +61,16 @@ class Artifacts:
     export_s: dict = dataclasses.field(default_factory=dict)
 
 
-def reference_module():
+def reference_model(name=None):
+    """(untrained reference model of `name`, its randomize_) from tests/reference, in eval mode."""
+    name = name or VARIANT
     if TESTS not in sys.path:
         sys.path.insert(0, TESTS)
+    if name.startswith("qna_vit"):
+        from reference import qna_vit_torch
+        return qna_vit_torch.qna_vit_reference(name), qna_vit_torch.randomize_
     from reference import litv2_torch
-    return litv2_torch
+    return litv2_torch.litv2_reference(name), litv2_torch.randomize_
 
 
 def build_artifacts(folder, log=print):
@@ -74,8 +81,8 @@ def build_artifacts(folder, log=print):
         return art
     import torch
     torch.set_num_threads(THREADS)
-    R = reference_module()
-    model = R.randomize_(R.litv2_reference(VARIANT), seed=SEED)
+    model, randomize_ = reference_model()
+    model = randomize_(model, seed=SEED)
     art.pth = os.path.join(folder, f"{VARIANT}.pth")
     torch.save({"model": model.state_dict()}, art.pth)
 
@@ -145,8 +152,7 @@ def make_engine(engine, art, batch):
     if engine == "torch":
         import torch
         torch.set_num_threads(THREADS)
-        R = reference_module()
-        model = R.litv2_reference(VARIANT)
+        model, _ = reference_model()
         model.load_state_dict(torch.load(art.pth, weights_only=True)["model"])
 
         def run(x):
@@ -219,10 +225,10 @@ def cpu_name():
 # ------------------------------------------------------------------------------------------------
 def probe_args(engine, art, batch=1):
     if engine == "qnalo":
-        return [engine, art.qnalo or "", str(batch)]
+        return [engine, VARIANT, art.qnalo or "", str(batch)]
     if engine == "torch":
-        return [engine, art.pth, str(batch)]
-    return [engine, art.onnx[batch], str(batch)]
+        return [engine, VARIANT, art.pth, str(batch)]
+    return [engine, VARIANT, art.onnx[batch], str(batch)]
 
 
 def run_probe(engine, art, calls, batch=1, extra_env=None, timeout=900):

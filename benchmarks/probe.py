@@ -1,6 +1,7 @@
 """One fresh inference process: import an engine, load a weights file, run batch-`B` inference `calls` times.
 
-    python benchmarks/probe.py ENGINE FILE BATCH CALLS      ENGINE: qnalo | torch | onnxruntime | openvino
+    python benchmarks/probe.py ENGINE MODEL FILE BATCH CALLS    ENGINE: qnalo | torch | onnxruntime | openvino
+                                                                MODEL: a qnalo model name (litv2_s, qna_vit_tiny)
 
 Prints one JSON line: import_s, load_s, first_call_s, to_first_logits_s (from this script's first line,
 interpreter start-up excluded), later_calls_s, rss_after_import_kib, peak_rss_kib (VmHWM on Linux, else ru_maxrss), ru_maxrss_kib.
@@ -46,7 +47,7 @@ def peak_rss_kib():
     return hwm if hwm is not None else ru_maxrss_kib()
 
 
-def main(engine, path, batch, calls):
+def main(engine, name, path, batch, calls):
     import json
 
     import numpy as np
@@ -62,15 +63,18 @@ def main(engine, path, batch, calls):
             import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = qnalo.create_model("litv2_s")
+                model = qnalo.create_model(name)
         run = model
     elif engine == "torch":
         import torch
         torch.set_num_threads(THREADS)
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        from reference.litv2_torch import litv2_reference
+        if name.startswith("qna_vit"):
+            from reference.qna_vit_torch import qna_vit_reference as reference
+        else:
+            from reference.litv2_torch import litv2_reference as reference
         t_import, rss_import = time.perf_counter(), rss_now_kib()
-        model = litv2_reference("litv2_s")
+        model = reference(name)
         model.load_state_dict(torch.load(path, weights_only=True)["model"])
 
         def run(a):
@@ -119,6 +123,6 @@ def main(engine, path, batch, calls):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
+    if len(sys.argv) != 6:
         raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

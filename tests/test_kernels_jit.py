@@ -1,4 +1,8 @@
-"""Row splitting across threads (kernels/_jit.split_rows) gives bit-identical results to one thread."""
+"""kernels/_jit: row splitting across threads gives bit-identical results to one thread; the page release of
+LLVM."""
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -53,3 +57,28 @@ def test_split_rows_covers_every_row_once(monkeypatch):
     seen = []
     _jit.split_rows(lambda start, stop: seen.extend(range(start, stop)), 10, 1)
     assert sorted(seen) == list(range(10))
+
+
+def _llvm_rss_kib():
+    total, in_llvm = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if not line[0].isupper() or ":" not in head[0]:       # a mapping's first line
+                in_llvm = "libllvmlite" in line
+            elif in_llvm and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.environ.get("NUMBA_DISABLE_JIT") == "1",
+                    reason="Linux page release of the JIT's LLVM library")
+def test_release_compiler_pages_drops_llvm_from_rss_and_kernels_still_run(monkeypatch):
+    x = np.random.default_rng(1).standard_normal((37, 24)).astype(np.float32)
+    weight = gemm.PackedWeight(np.ones((24, 5), np.float32))
+    before = _llvm_rss_kib()
+    assert _jit.release_compiler_pages() > 0
+    assert _llvm_rss_kib() < before / 2
+    np.testing.assert_allclose(gemm.matmul(x, weight), x @ np.ones((24, 5), np.float32), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("QNALO_KEEP_COMPILER_PAGES", "1")
+    assert _jit.release_compiler_pages() == 0

@@ -5,8 +5,11 @@ import dataclasses
 import numpy as np
 
 from ..errors import CheckpointError, InputError, key_mismatches
+from ..kernels import _jit
 from ..weights import release_pages
 from .ops import get_ops
+
+_WARMED = set()   # (model class, miniature config) already run in this process
 
 
 class Linear:
@@ -54,15 +57,22 @@ class Classifier:
     and _stages(x, keep_early) yielding (tokens (B*h*w, C), h, w) per stage, the last being the output."""
 
     def _setup(self, cfg, tensors, backend, source, check_tensors):
-        """Checks the tensors against cfg and sets config, source, backend, _ops; returns the tensors as
-        float32 C-contiguous arrays (the given ones where they already are)."""
+        """Checks the tensors against cfg, sets config, source, backend, _ops and (numba backend) warms the
+        kernels up; returns the tensors as read-only float32 C-contiguous arrays (views of the given ones
+        where they already are)."""
         check_tensors(tensors, cfg)
         self.config = cfg
         self.source = source or {}
         self.backend = backend
         self._ops = get_ops(backend)
-        return {k: v if v.dtype == np.float32 and v.flags.c_contiguous else np.ascontiguousarray(v, np.float32)
-                for k, v in tensors.items()}
+        if backend == "numba" and not _jit.nb.config.DISABLE_JIT:   # without the JIT there is nothing to load
+            warm_up(type(self), cfg)
+        return {k: _read_only(v if v.dtype == np.float32 and v.flags.c_contiguous else
+                              np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()}
+
+    def warm_up_side(self):
+        """The image side warm_up runs this model at: its resolution (any side runs)."""
+        return self.config.img_size
 
     def forward_head(self, tokens, b):
         """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
@@ -80,6 +90,34 @@ class Classifier:
         for tokens, _, _ in self._stages(x, keep_early=False):
             pass
         return self.forward_head(tokens, x.shape[0])
+
+
+def _read_only(array):
+    """A read-only view: a weights file's tensors are read-only (mmap), and Numba compiles a kernel apart for
+    read-only and writable arguments, so every model hands its kernels the same kind whatever its source."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def warm_up(model_cls, cfg):
+    """Loads every kernel a forward pass of cfg runs (from Numba's on-disk cache, or compiling them) by running
+    a miniature model of the same code paths once, then hands LLVM's pages back (_jit.release_compiler_pages):
+    loading kernels touches ~50 MiB of LLVM code that inference never runs. Done before the real weights are
+    packed, so that peak memory holds the weights or LLVM, never both. Once per configuration and process."""
+    mini = cfg.miniature()
+    if (model_cls, mini) in _WARMED:
+        return
+    _WARMED.add((model_cls, mini))      # first: the miniature's own construction comes back here
+    model = model_cls(mini, model_cls.random_tensors(mini), backend="numba")
+    side = model.warm_up_side()
+    if side is None:                    # no input size runs this config: the real forward will say why
+        return
+    x = np.random.default_rng(0).standard_normal((1, 3, side, side)).astype(np.float32)
+    if cfg.num_classes:
+        model(x)
+    model.forward_features(x)
+    _jit.release_compiler_pages()
 
 
 def head_shapes(features, num_classes):

@@ -57,6 +57,15 @@ class LITv2Config(ConfigDict):
     def num_features(self):
         return self.stage_dim(3)
 
+    def miniature(self):
+        """A config that runs the same kernels on the same kinds of arrays at a fraction of the cost (see
+        common.warm_up): up to two blocks per stage (one block feeding another fuses differently from the
+        last), the same heads, head split, windows, resolution and head, and the narrowest width the heads
+        divide."""
+        narrow = next(e for e in range(1, self.embed_dim + 1)
+                      if all(not self.window_sizes[i] or e * 2 ** i % self.num_heads[i] == 0 for i in range(4)))
+        return dataclasses.replace(self, embed_dim=narrow, depths=tuple(min(d, 2) for d in self.depths))
+
     def replace(self, **overrides):
         """A copy with some fields changed; the head split is re-derived unless given."""
         if "lo_heads" not in overrides:

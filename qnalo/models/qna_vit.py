@@ -229,6 +229,11 @@ class QnAViT(Classifier):
         above = [r for r in ranges if r[0] > n][:show]
         return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in below + above)
 
+    def warm_up_side(self):
+        """The side nearest the resolution that fits the MSA windows (None if none up to twice it does)."""
+        n = self.config.img_size
+        return next((m for d in range(n) for m in (n + d, n - d) if m >= 32 and self._side_fits(m)), None)
+
     def _check_input(self, x):
         x = check_image_batch(x, "QnA-ViT", 1, 32)
         cfg = self.config

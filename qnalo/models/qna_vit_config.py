@@ -68,6 +68,18 @@ class QnAViTConfig(ConfigDict):
     def num_features(self):
         return self.stage_dim(3)
 
+    def miniature(self):
+        """A config that runs the same kernels on the same kinds of arrays at a fraction of the cost (see
+        common.warm_up): up to two blocks of each kind per stage, the same heads, windows, queries, resolution
+        and head, and the narrowest width the heads divide."""
+        def fits(e):
+            return all(e * 2 ** i % h == 0 for i in range(4)
+                       for h, used in ((self.qna_heads[i], self.has_qna(i)), (self.msa_heads[i], self.msa_depths[i]))
+                       if used)
+        narrow = next(e for e in range(1, self.embed_dim + 1) if fits(e))
+        return dataclasses.replace(self, embed_dim=narrow, qna_depths=tuple(min(d, 2) for d in self.qna_depths),
+                                   msa_depths=tuple(min(d, 2) for d in self.msa_depths))
+
     def replace(self, **overrides):
         return dataclasses.replace(self, **overrides)
 

@@ -1,6 +1,8 @@
-"""LITv2-S at 224: qnalo vs PyTorch eager vs ONNX Runtime vs OpenVINO, all on the same weights and 2 threads.
+"""A whole model at 224 (LITv2-S unless QNALO_BENCH_MODEL names another, e.g. qna_vit_tiny): qnalo vs PyTorch
+eager vs ONNX Runtime vs OpenVINO, all on the same weights and 2 threads.
 
-Run (see benchmarks/README.md):  python -m pytest benchmarks/bench_litv2.py
+Run (see benchmarks/README.md):  python -m pytest benchmarks/bench_models.py
+                                 QNALO_BENCH_MODEL=qna_vit_tiny python -m pytest benchmarks/bench_models.py
 A final table (ratios qnalo / competitor) is printed and written under benchmarks/results/.
 """
 import os

@@ -1,0 +1,93 @@
+"""qnalo/models/common.py: the warm-up that loads a model's kernels before its weights, and read-only tensors."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import qnalo
+
+# Run in a fresh interpreter: in this test process earlier tests have loaded every kernel already, so a kernel
+# the warm-up missed would go unnoticed here.
+PROBE = r"""
+import importlib, json, pkgutil, sys, warnings
+import numpy as np
+from numba.core.registry import CPUDispatcher
+import qnalo, qnalo.kernels
+
+def overloads():
+    found = {}
+    for info in pkgutil.iter_modules(qnalo.kernels.__path__):
+        module = importlib.import_module("qnalo.kernels." + info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, CPUDispatcher):
+                found[info.name + "." + name] = [str(sig) for sig in obj.overloads]
+    return found
+
+warnings.simplefilter("ignore")
+name, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = qnalo.load(name) if name.endswith(".safetensors") else qnalo.create_model(name, img_size=size)
+before = overloads()
+x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+if model.config.num_classes:
+    model(x)
+model.forward_features(x)
+after = overloads()
+print(json.dumps({k: sorted(set(v) - set(before.get(k, []))) for k, v in after.items() if set(v) - set(before.get(k, []))}))
+"""
+
+
+def _kernels_loaded_by_the_forward(name, size, batch):
+    out = subprocess.run([sys.executable, "-c", PROBE, name, str(size), str(batch)], capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no kernels to load without the JIT")
+@pytest.mark.parametrize("name,size,batch", [("litv2_s", 224, 1), ("qna_vit_tiny", 224, 2),
+                                             ("qna_vit_tiny_7x7", 224, 1), ("litv2_m", 97, 1)])
+def test_the_warm_up_loads_every_kernel_the_forward_pass_runs(name, size, batch):
+    assert _kernels_loaded_by_the_forward(name, size, batch) == {}
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no kernels to load without the JIT")
+def test_a_loaded_file_warms_up_the_same_kernels(tmp_path):
+    # a weights file's tensors are read-only mmap views, a distinct Numba argument type from writable arrays
+    path = str(tmp_path / "tiny.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = qnalo.create_model("qna_vit_tiny")
+    qnalo.weights.save_weights(path, type(model).random_tensors(model.config), "qna_vit", model.config.to_dict())
+    assert _kernels_loaded_by_the_forward(path, 224, 1) == {}
+
+
+def test_model_tensors_are_read_only_views_the_callers_arrays_stay_writable():
+    cfg = qnalo.models.MODEL_REGISTRY["qna_vit_tiny"][2].miniature()
+    cls = qnalo.models.MODEL_REGISTRY["qna_vit_tiny"][0]
+    tensors = cls.random_tensors(cfg)
+    model = cls(cfg, tensors, backend="numpy")
+    assert all(a.flags.writeable for a in tensors.values())
+    assert not model.norm.weight.flags.writeable
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert model(x).shape == (1, cfg.num_classes)
+
+
+@pytest.mark.parametrize("name", qnalo.list_models())
+def test_the_miniature_keeps_the_code_paths_and_shrinks_the_cost(name):
+    cfg = qnalo.models.MODEL_REGISTRY[name][2]
+    mini = cfg.miniature()
+    assert mini.miniature() == mini                         # the warm-up's recursion guard relies on this
+    assert mini.img_size == cfg.img_size and mini.num_classes == cfg.num_classes
+    assert mini.embed_dim < cfg.embed_dim
+    depths = ("depths",) if name.startswith("litv2") else ("qna_depths", "msa_depths")
+    for field in depths:
+        assert all(min(d, 2) == m for d, m in zip(getattr(cfg, field), getattr(mini, field)))
+    if name.startswith("litv2"):
+        assert (mini.num_heads, mini.lo_heads, mini.window_sizes) == (cfg.num_heads, cfg.lo_heads, cfg.window_sizes)
+    else:
+        assert (mini.qna_heads, mini.msa_heads, mini.msa_windows, mini.qna_kernel_sizes, mini.n_queries) == \
+            (cfg.qna_heads, cfg.msa_heads, cfg.msa_windows, cfg.qna_kernel_sizes, cfg.n_queries)
