@@ -1,7 +1,9 @@
-"""kernels/_jit: row splitting across threads gives bit-identical results to one thread; the page release of
-LLVM."""
+"""kernels/_jit: row splitting across threads gives bit-identical results to one thread, runs every row once
+however the shares are handed over, and survives errors and concurrent callers; the page release of LLVM."""
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -82,3 +84,70 @@ def test_release_compiler_pages_drops_llvm_from_rss_and_kernels_still_run(monkey
     np.testing.assert_allclose(gemm.matmul(x, weight), x @ np.ones((24, 5), np.float32), rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("QNALO_KEEP_COMPILER_PAGES", "1")
     assert _jit.release_compiler_pages() == 0
+
+
+def _record_shares(log, slow_caller):
+    def share(start, stop):
+        name = threading.current_thread().name
+        if slow_caller and start == 0:
+            time.sleep(0.005)   # the caller's own share: its workers claim theirs meanwhile
+        log.append((name, start, stop))
+    return share
+
+
+@pytest.mark.parametrize("contended", [False, True], ids=["spinning", "contended"])
+@pytest.mark.parametrize("slow_caller", [False, True], ids=["short-shares", "slow-caller"])
+def test_every_row_runs_once_whether_workers_claim_or_the_caller_takes_back(monkeypatch, contended,
+                                                                            slow_caller):
+    monkeypatch.setattr(_jit, "NUM_THREADS", 3)
+    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    if contended:   # more runnable threads than qnalo's: nobody spins, workers sleep and are woken
+        monkeypatch.setattr(_jit, "_runnable_threads", lambda: 99)
+        monkeypatch.setattr(_jit, "CONTENTION_CHECK_S", 0.0)
+    log = []
+    for _ in range(40):
+        log.clear()
+        _jit.split_rows(_record_shares(log, slow_caller), 9, 1)
+        assert sorted((a, b) for _, a, b in log) == [(0, 3), (3, 6), (6, 9)]
+    if slow_caller:
+        assert any(name.startswith("qnalo-") for name, _, _ in log)
+
+
+def test_a_share_that_raises_raises_in_the_caller_and_the_workers_go_on(monkeypatch):
+    monkeypatch.setattr(_jit, "NUM_THREADS", 2)
+    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+
+    def share(start, stop):   # whichever thread runs rows 2-4 (a worker, or the caller taking them back)
+        if start == 2:
+            raise ZeroDivisionError(f"rows {start}-{stop}")
+
+    for caller_share_sleeps in (0.0, 0.005):
+        with pytest.raises(ZeroDivisionError, match="rows 2-4"):
+            _jit.split_rows(lambda a, b: time.sleep(caller_share_sleeps) if a == 0 else share(a, b), 4, 1)
+    with pytest.raises(KeyError):   # the caller's own share raising, while a worker's share runs
+        _jit.split_rows(lambda a, b: (_ for _ in ()).throw(KeyError(a)) if a == 0 else time.sleep(0.002), 4, 1)
+    seen = []
+    _jit.split_rows(lambda a, b: seen.append((a, b)), 4, 1)
+    assert sorted(seen) == [(0, 2), (2, 4)]
+
+
+def test_threads_sharing_the_workers_get_the_single_thread_result(monkeypatch):
+    monkeypatch.setattr(_jit, "NUM_THREADS", 2)
+    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 40)).astype(np.float32)
+    weight = gemm.PackedWeight(rng.standard_normal((40, 50)).astype(np.float32))
+    expect = gemm.matmul(x, weight)
+    failures = []
+
+    def caller():
+        for _ in range(30):
+            if not np.array_equal(gemm.matmul(x, weight), expect):
+                failures.append(threading.current_thread().name)
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

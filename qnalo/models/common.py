@@ -102,7 +102,8 @@ def _read_only(array):
 
 def warm_up(model_cls, cfg):
     """Loads every kernel a forward pass of cfg runs (from Numba's on-disk cache, or compiling them) by running
-    a miniature model of the same code paths once, then hands LLVM's pages back (_jit.release_compiler_pages):
+    a miniature model of the same code paths once, starts the worker threads, then hands LLVM's pages back
+    (_jit.release_compiler_pages):
     loading kernels touches ~50 MiB of LLVM code that inference never runs. Done before the real weights are
     packed, so that peak memory holds the weights or LLVM, never both. Once per configuration and process."""
     mini = cfg.miniature()
@@ -117,6 +118,7 @@ def warm_up(model_cls, cfg):
     if cfg.num_classes:
         model(x)
     model.forward_features(x)
+    _jit.start_workers()
     _jit.release_compiler_pages()
 
 
