@@ -39,7 +39,7 @@ import numpy as np
 
 from . import gemm
 from ._jit import inline_kernel, kernel, split_rows
-from .simd import LANES, vbroadcast, vfma, vload, vmul, vstore, vzero
+from .simd import LANES, transpose8, vbroadcast, vfma, vload, vmul, vstore, vzero
 from .softmax import exp_inplace
 
 QUERY_EPS = 1e-6   # official _normalize_and_reshape_query: q / (||q||_2 + 1e-6), epsilon outside the sqrt
@@ -153,6 +153,8 @@ def qna_windows(lv, rpe, attn_scale, heads, stride, out):
     ksize, nq, f = _layout(n_cols, rpe, attn_scale, heads, stride)
     nc, pad = nq * heads, (ksize - 1) // 2
     ho, wo = out.shape[1], out.shape[2]
+    if not out.flags.c_contiguous:
+        raise ValueError("qna_windows writes into a C-contiguous `out`; pass np.empty(shape, np.float32)")
     lv = np.ascontiguousarray(lv)
     rpe = np.ascontiguousarray(rpe, np.float32)
     attn_scale = np.ascontiguousarray(attn_scale, np.float32)
@@ -208,19 +210,36 @@ def _plane_row(lv, n, y, nc, pad, top, block, bits):
         return
     src = lv[n, y]
     line = stride * wq
-    for c in range(n_cols):
+    if stride == 1:   # 8x8 blocks transposed in registers, the ragged edges one by one
+        w8, c8 = w // LANES * LANES, n_cols // LANES * LANES
+        row_at = (n * h + y) * w * n_cols
+        for x0 in range(0, w8, LANES):
+            for c0 in range(0, c8, LANES):
+                transpose8(lv, row_at + x0 * n_cols + c0, n_cols, flat, c0 * line + pad + x0, line)
+        for x in range(w8, w):
+            for c in range(c8):
+                flat[c * line + pad + x] = src[x, c]
+        for x in range(w):
+            for c in range(c8, n_cols):
+                flat[c * line + pad + x] = src[x, c]
+    else:
+        for c in range(n_cols):
+            for ph in range(stride):
+                x0 = (ph - pad) % stride            # the first x with (x + pad) % s == ph
+                at = c * line + ph * wq + (x0 + pad) // stride
+                cells = flat[at:at + (w - x0 + stride - 1) // stride]
+                col = src[x0::stride, c]
+                for q in range(cells.shape[0]):
+                    cells[q] = col[q]
+    for c in range(nc):
+        hi = top[n, c]
         for ph in range(stride):
-            x0 = (ph - pad) % stride                # the first x with (x + pad) % s == ph
+            x0 = (ph - pad) % stride
             at = c * line + ph * wq + (x0 + pad) // stride
             cells = flat[at:at + (w - x0 + stride - 1) // stride]
-            col = src[x0::stride, c]
             for q in range(cells.shape[0]):
-                cells[q] = col[q]
-            if c < nc:
-                hi = top[n, c]
-                for q in range(cells.shape[0]):
-                    cells[q] -= hi
-                exp_inplace(cells, bits)
+                cells[q] -= hi
+            exp_inplace(cells, bits)
 
 
 @inline_kernel()
@@ -251,19 +270,19 @@ def _den1(planes, at, offs, rpe_exp, c, nc):
 def _weighted8(planes, at, line, offs, wgt, wv, m):
     """For the eight channels at planes.flat[at + j * line], j < 8: the sum over window cells t of
     planes * wgt[t * wv + m : +8]; one weight load serves eight FMAs, whose sums stay in registers."""
-    s0, s1, s2, s3, s4, s5, s6, s7 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
+    sums = (vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero())
     for t in range(offs.shape[0]):
-        wt = vload(wgt, t * wv + m)
-        cell = at + offs[t]
-        s0 = vfma(vload(planes, cell), wt, s0)
-        s1 = vfma(vload(planes, cell + line), wt, s1)
-        s2 = vfma(vload(planes, cell + 2 * line), wt, s2)
-        s3 = vfma(vload(planes, cell + 3 * line), wt, s3)
-        s4 = vfma(vload(planes, cell + 4 * line), wt, s4)
-        s5 = vfma(vload(planes, cell + 5 * line), wt, s5)
-        s6 = vfma(vload(planes, cell + 6 * line), wt, s6)
-        s7 = vfma(vload(planes, cell + 7 * line), wt, s7)
-    return s0, s1, s2, s3, s4, s5, s6, s7
+        sums = _fma8(planes, at + offs[t], line, vload(wgt, t * wv + m), sums)
+    return sums
+
+
+@inline_kernel()
+def _fma8(planes, at, line, wt, sums):
+    """sums[j] + planes.flat[at + j * line : +8] * wt, j < 8."""
+    return (vfma(vload(planes, at), wt, sums[0]), vfma(vload(planes, at + line), wt, sums[1]),
+            vfma(vload(planes, at + 2 * line), wt, sums[2]), vfma(vload(planes, at + 3 * line), wt, sums[3]),
+            vfma(vload(planes, at + 4 * line), wt, sums[4]), vfma(vload(planes, at + 5 * line), wt, sums[5]),
+            vfma(vload(planes, at + 6 * line), wt, sums[6]), vfma(vload(planes, at + 7 * line), wt, sums[7]))
 
 
 @inline_kernel()
@@ -273,6 +292,37 @@ def _weighted1(planes, at, offs, wgt, wv, m):
     for t in range(offs.shape[0]):
         s = vfma(vload(planes, at + offs[t]), vload(wgt, t * wv + m), s)
     return s
+
+
+@inline_kernel()
+def _store8(arr, at, step, sums):
+    """arr.flat[at + j * step : +8] = sums[j], j < 8."""
+    vstore(arr, at, sums[0])
+    vstore(arr, at + step, sums[1])
+    vstore(arr, at + 2 * step, sums[2])
+    vstore(arr, at + 3 * step, sums[3])
+    vstore(arr, at + 4 * step, sums[4])
+    vstore(arr, at + 5 * step, sums[5])
+    vstore(arr, at + 6 * step, sums[6])
+    vstore(arr, at + 7 * step, sums[7])
+
+
+@inline_kernel()
+def _head8_two_queries(planes, window, line, offs, rpe_exp_scale, inv, nc, heads, hi, wv, m, acc):
+    """Head hi's 8 channels for 8 pixels, with 2 queries: per window cell t the query-summed weight
+    E0 * rpe_exp_scale[t, c0] / den0 + E1 * rpe_exp_scale[t, c1] / den1 is made in registers and used at once
+    (no weight row stored and read back), then acc[hi*8 + j, m : m+8] = sum over t of weight * value j."""
+    c0, c1 = hi, heads + hi
+    inv0, inv1 = vload(inv, c0 * wv + m), vload(inv, c1 * wv + m)
+    e0, e1 = window + c0 * line + m, window + c1 * line + m
+    v = window + (nc + hi * 8) * line + m
+    sums = (vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero())
+    for t in range(offs.shape[0]):
+        cell = offs[t]
+        wt = vfma(vload(planes, e0 + cell), vmul(vbroadcast(rpe_exp_scale, t * nc + c0), inv0),
+                  vmul(vload(planes, e1 + cell), vmul(vbroadcast(rpe_exp_scale, t * nc + c1), inv1)))
+        sums = _fma8(planes, v + cell, line, wt, sums)
+    _store8(acc, hi * 8 * wv + m, wv, sums)
 
 
 @kernel()
@@ -328,6 +378,10 @@ def _qna_factored_rows(lv, top, rpe_exp, rpe_exp_scale, heads, nq, ksize, stride
         for e in range(nc * wv):
             inv[e] = np.float32(1.0) / inv[e]
         for hi in range(heads):
+            if nq == 2 and d == 8:   # QnA-ViT's layers: the weights made where they are used, in registers
+                for m in range(0, wv, LANES):
+                    _head8_two_queries(planes, window, line, offs, rpe_exp_scale, inv, nc, heads, hi, wv, m, acc)
+                continue
             for t in range(kk):
                 cell = window + offs[t]
                 dst = t * wv
@@ -344,23 +398,21 @@ def _qna_factored_rows(lv, top, rpe_exp, rpe_exp_scale, heads, nq, ksize, stride
             jj = hi * d
             while jj + 8 <= hi * d + d:
                 for m in range(0, wv, LANES):
-                    sums = _weighted8(planes, window + (nc + jj) * line + m, line, offs, wgt, wv, m)
-                    vstore(acc, jj * wv + m, sums[0])
-                    vstore(acc, (jj + 1) * wv + m, sums[1])
-                    vstore(acc, (jj + 2) * wv + m, sums[2])
-                    vstore(acc, (jj + 3) * wv + m, sums[3])
-                    vstore(acc, (jj + 4) * wv + m, sums[4])
-                    vstore(acc, (jj + 5) * wv + m, sums[5])
-                    vstore(acc, (jj + 6) * wv + m, sums[6])
-                    vstore(acc, (jj + 7) * wv + m, sums[7])
+                    _store8(acc, jj * wv + m, wv,
+                            _weighted8(planes, window + (nc + jj) * line + m, line, offs, wgt, wv, m))
                 jj += 8
             while jj < hi * d + d:
                 for m in range(0, wv, LANES):
                     vstore(acc, jj * wv + m, _weighted1(planes, window + (nc + jj) * line + m, offs, wgt, wv, m))
                 jj += 1
-        dst_row = out[n, i]
+        dst_row = out[n, i]                     # (wo, F) <- acc (F, wv): 8x8 blocks, then the edges
+        row_at = (n * ho + i) * wo * f
+        w8, f8 = wo // LANES * LANES, f // LANES * LANES
+        for j0 in range(0, w8, LANES):
+            for jj0 in range(0, f8, LANES):
+                transpose8(acc, jj0 * wv + j0, wv, out, row_at + j0 * f + jj0, f)
         for jj in range(f):
-            for j in range(wo):
+            for j in range(w8 if jj < f8 else 0, wo):
                 dst_row[j, jj] = acc[jj * wv + j]
 
 

@@ -41,6 +41,11 @@ if nb.config.DISABLE_JIT:
     def vmul(a, b):
         return a * b
 
+    def transpose8(src, src_at, src_step, dst, dst_at, dst_step):
+        block = np.stack([_lanes(src, src_at + r * src_step)[:LANES] for r in range(LANES)])
+        for r in range(LANES):
+            _lanes(dst, dst_at + r * dst_step)[:LANES] = block[:, r]
+
 else:
     from llvmlite import ir
     from numba import types
@@ -113,3 +118,35 @@ else:
     @intrinsic
     def vmul(typingctx, a, b):
         return vec8(a, b), lambda context, builder, sig, args: builder.fmul(*args)
+
+    def _shuffle(builder, a, b, mask):
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, LANES), mask))
+
+    @intrinsic
+    def transpose8(typingctx, src, src_at, src_step, dst, dst_at, dst_step):
+        """An 8x8 block: dst.flat[dst_at + r*dst_step + c] = src.flat[src_at + c*src_step + r], r, c < 8;
+        eight loads, 24 shuffles (unpack, shuffle pairs, swap halves), eight stores."""
+        def codegen(context, builder, sig, args):
+            s_arr, s_at, s_step, d_arr, d_at, d_step = args
+
+            def ptr(k, arr, at, step, r):
+                base = _element_ptr(context, builder, sig.args[k], arr, builder.add(at, builder.mul(
+                    step, ir.Constant(step.type, r))))
+                return builder.bitcast(base, _V8.as_pointer())
+            rows = [builder.load(ptr(0, s_arr, s_at, s_step, r), align=4) for r in range(LANES)]
+            lo = [_shuffle(builder, rows[2 * i], rows[2 * i + 1], [0, 8, 1, 9, 4, 12, 5, 13]) for i in range(4)]
+            hi = [_shuffle(builder, rows[2 * i], rows[2 * i + 1], [2, 10, 3, 11, 6, 14, 7, 15]) for i in range(4)]
+            quads = []
+            for pair in (lo, hi):
+                for i in (0, 2):
+                    quads.append(_shuffle(builder, pair[i], pair[i + 1], [0, 1, 8, 9, 4, 5, 12, 13]))
+                    quads.append(_shuffle(builder, pair[i], pair[i + 1], [2, 3, 10, 11, 6, 7, 14, 15]))
+            # quads: lo01a lo01b lo23a lo23b hi01a hi01b hi23a hi23b; columns 0..7 are:
+            # 0: lo01a|lo23a low halves, 1: lo01b|lo23b, 2: hi01a|hi23a, 3: hi01b|hi23b, 4-7: their high halves
+            order = [(0, 2), (1, 3), (4, 6), (5, 7)]
+            cols = [_shuffle(builder, quads[a], quads[b], [0, 1, 2, 3, 8, 9, 10, 11]) for a, b in order]
+            cols += [_shuffle(builder, quads[a], quads[b], [4, 5, 6, 7, 12, 13, 14, 15]) for a, b in order]
+            for r in range(LANES):
+                builder.store(cols[r], ptr(3, d_arr, d_at, d_step, r), align=4)
+            return context.get_dummy_value()
+        return types.none(src, src_at, src_step, dst, dst_at, dst_step), codegen
