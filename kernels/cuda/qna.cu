@@ -1,0 +1,42 @@
+// The QnA layer's windows (kernels/qna.py, qna_windows_ref): lv (B, H, W, nq*h + F) = x @ [folded queries | Wv];
+// per output pixel (i, j), query qi and head hi, a softmax of logit + rpe over the k x k window's in-image cells
+// (out-of-image cells dropped from both sums), each weight times attn_scale, summed over the queries, times the
+// head's values. rpe, attn_scale (k*k, nq*h), column qi*h + hi. Window origin (s*i - p, s*j - p), p = (k-1)/2.
+// One thread per output element (pixel, feature f, head f / d), features fastest; each window's own max is
+// subtracted before exp, so large logits stay finite (where the official float32 code overflows).
+#include "common.cuh"
+
+extern "C" __global__ void qna_windows(const float* __restrict__ lv, const float* __restrict__ rpe,
+                                       const float* __restrict__ attn_scale, float* __restrict__ out,
+                                       int batch, int height, int width, int heads, int nq, int ksize,
+                                       int stride, int out_h, int out_w, int features) {
+    int nc = nq * heads, n_cols = nc + features, d = features / heads, pad = (ksize - 1) / 2;
+    FOR_EACH_ELEMENT(e, (long long)batch * out_h * out_w * features) {
+        Nhwc at = nhwc_index(e, out_h, out_w, features);
+        int f = at.c, j = at.x, i = at.y;
+        long long img = at.img;
+        int hi = f / d, y0 = i * stride - pad, x0 = j * stride - pad;
+        int a0 = max(0, -y0), a1 = min(ksize, height - y0), b0 = max(0, -x0), b1 = min(ksize, width - x0);
+        float total = 0.0f;
+        for (int qi = 0; qi < nq; ++qi) {
+            int c = qi * heads + hi;
+            float top = __int_as_float(0xff800000);   // -inf (no math headers under NVRTC)
+            for (int a = a0; a < a1; ++a)
+                for (int b = b0; b < b1; ++b) {
+                    long long cell = ((img * height + y0 + a) * width + x0 + b) * n_cols;
+                    top = fmaxf(top, lv[cell + c] + rpe[(a * ksize + b) * nc + c]);
+                }
+            float den = 0.0f, num = 0.0f;
+            for (int a = a0; a < a1; ++a)
+                for (int b = b0; b < b1; ++b) {
+                    long long cell = ((img * height + y0 + a) * width + x0 + b) * n_cols;
+                    int t = (a * ksize + b) * nc + c;
+                    float w = expf(lv[cell + c] + rpe[t] - top);
+                    den += w;
+                    num += w * attn_scale[t] * lv[cell + nc + f];
+                }
+            total += num / den;
+        }
+        out[e] = total;
+    }
+}

@@ -1,0 +1,136 @@
+"""The hot ops on an NVIDIA GPU: CUDA C in kernels/cuda/*.cu, compiled by CuPy (NVRTC) on first use, once per
+device and source file (CuPy also keeps the binaries on disk), called on CuPy arrays. Same signatures and
+in-place conventions as the Numba ops (qnalo/models/ops.py); the NumPy references beside those are what the
+GPU tests compare against.
+
+CuPy is optional: importing this module does not import it; the first op called without it is a RuntimeError
+saying how to install it. Wrappers check dtype (float32), contiguity and shapes, and pass scalars as
+np.int32 / np.float32 / np.int64 explicitly."""
+import functools
+import os
+
+import numpy as np
+
+SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
+SOURCES = ("layernorm", "bias_act", "dwconv_gelu", "qna")   # kernels/cuda/<name>.cu
+BLOCK = 256
+MAX_BLOCKS = 1 << 16          # grid-stride loops cover any size
+
+
+def cupy():
+    """The cupy module, or a RuntimeError that says how to get it."""
+    try:
+        import cupy as cp
+    except ImportError:
+        raise RuntimeError("qnalo's CUDA ops need CuPy and an NVIDIA GPU: pip install 'qnalo[cuda]' "
+                           "(CuPy for CUDA 12; see https://docs.cupy.dev/en/stable/install.html for others)") from None
+    return cp
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name, device_id):
+    """kernels/cuda/<name>.cu as a RawModule for one device (compiled at its first get_function)."""
+    cp = cupy()
+    with open(os.path.join(SOURCE_DIR, name + ".cu")) as f:
+        code = f.read()
+    with cp.cuda.Device(device_id):
+        return cp.RawModule(code=code, options=("-I" + SOURCE_DIR, "--std=c++14"))
+
+
+def _kernel(source, function):
+    return _module(source, cupy().cuda.Device().id).get_function(function)
+
+
+def _check(name, arr, ndim):
+    cp = cupy()
+    if not isinstance(arr, cp.ndarray):
+        raise TypeError(f"{name}: expected a CuPy array on the GPU, got {type(arr).__name__}")
+    if arr.dtype != np.float32:
+        raise TypeError(f"{name}: expected float32, got {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array (cupy.ascontiguousarray), got strides {arr.strides}")
+    return arr
+
+
+def _same(name, arr, shape):
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(arr.shape)}")
+
+
+def _grid(n):
+    return (max(1, min(MAX_BLOCKS, -(-n // BLOCK))),)
+
+
+def layernorm(x, weight, bias, eps, out):
+    """out = LayerNorm(x) * weight + bias over the last axis; x, out (N, C)."""
+    rows, cols = _check("x", x, 2).shape
+    for name, vec in (("weight", weight), ("bias", bias)):
+        _same(name, _check(name, vec, 1), (cols,))
+    _same("out", _check("out", out, 2), x.shape)
+    _kernel("layernorm", "layernorm_rows")((max(rows, 1),), (BLOCK,),
+                                           (x, weight, bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
+    return out
+
+
+def residual_add(x, y, bias):
+    """x <- x + y + bias in place; x, y (N, C), bias (C,)."""
+    _same("y", _check("y", y, 2), _check("x", x, 2).shape)
+    _same("bias", _check("bias", bias, 1), (x.shape[1],))
+    _kernel("layernorm", "residual_add")(_grid(x.size), (BLOCK,), (x, y, bias, np.int64(x.size), np.int32(x.shape[1])))
+    return x
+
+
+def residual_add_layernorm(x, y, bias, weight, ln_bias, eps, out):
+    """x <- x + y + bias in place, then out = LayerNorm(x)."""
+    rows, cols = _check("x", x, 2).shape
+    _same("y", _check("y", y, 2), x.shape)
+    _same("out", _check("out", out, 2), x.shape)
+    for name, vec in (("bias", bias), ("weight", weight), ("ln_bias", ln_bias)):
+        _same(name, _check(name, vec, 1), (cols,))
+    _kernel("layernorm", "residual_add_layernorm_rows")(
+        (max(rows, 1),), (BLOCK,), (x, y, bias, weight, ln_bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
+    return out
+
+
+def _bias_act(function, y, bias):
+    _check("y", y, 2)
+    _same("bias", _check("bias", bias, 1), (y.shape[1],))
+    _kernel("bias_act", function)(_grid(y.size), (BLOCK,), (y, bias, np.int64(y.size), np.int32(y.shape[1])))
+    return y
+
+
+def bias_gelu(y, bias):
+    """y <- gelu(y + bias) in place (exact erf GELU); y (N, C)."""
+    return _bias_act("bias_gelu", y, bias)
+
+
+def bias_gelu_tanh(y, bias):
+    """y <- gelu_tanh(y + bias) in place; y (N, C)."""
+    return _bias_act("bias_gelu_tanh", y, bias)
+
+
+def dwconv3x3_gelu(h, pre_bias, weight, bias):
+    """h (B, H, W, C) without fc1's bias; pre_bias (C,); weight (3, 3, C); bias (C,) -> (B, H, W, C)."""
+    b, height, width, c = _check("h", h, 4).shape
+    _same("weight", _check("weight", weight, 3), (3, 3, c))
+    for name, vec in (("pre_bias", pre_bias), ("bias", bias)):
+        _same(name, _check(name, vec, 1), (c,))
+    out = cupy().empty_like(h)
+    _kernel("dwconv_gelu", "dwconv3x3_gelu")(_grid(h.size), (BLOCK,), (h, pre_bias, weight, bias, out, np.int32(b),
+                                                                      np.int32(height), np.int32(width), np.int32(c)))
+    return out
+
+
+def qna_windows(lv, rpe, attn_scale, heads, stride, out):
+    """As kernels/qna.py qna_windows_ref: lv (B, H, W, nq*h + F), rpe and attn_scale (k*k, nq*h); writes
+    out (B, Ho, Wo, F)."""
+    from .qna import _layout, qna_output_size
+    b, h, w, n_cols = _check("lv", lv, 4).shape
+    ksize, nq, f = _layout(n_cols, _check("rpe", rpe, 2), _check("attn_scale", attn_scale, 2), heads, stride)
+    _same("out", _check("out", out, 4), (b, qna_output_size(h, ksize, stride), qna_output_size(w, ksize, stride), f))
+    _kernel("qna", "qna_windows")(_grid(out.size), (BLOCK,), (
+        lv, rpe, attn_scale, out, np.int32(b), np.int32(h), np.int32(w), np.int32(heads), np.int32(nq),
+        np.int32(ksize), np.int32(stride), np.int32(out.shape[1]), np.int32(out.shape[2]), np.int32(f)))
+    return out
