@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
-SOURCES = ("layernorm", "bias_act", "dwconv_gelu", "qna")   # kernels/cuda/<name>.cu
+SOURCES = ("layernorm", "bias_act", "dwconv_gelu", "qna", "window_msa", "hilo", "deform_conv")   # kernels/cuda/<name>.cu
+MAX_HEAD_DIM = 128          # the attention kernels keep a query and an output row in registers
 BLOCK = 256
 MAX_BLOCKS = 1 << 16          # grid-stride loops cover any size
 
@@ -134,3 +135,77 @@ def qna_windows(lv, rpe, attn_scale, heads, stride, out):
         lv, rpe, attn_scale, out, np.int32(b), np.int32(h), np.int32(w), np.int32(heads), np.int32(nq),
         np.int32(ksize), np.int32(stride), np.int32(out.shape[1]), np.int32(out.shape[2]), np.int32(f)))
     return out
+
+
+def _head_dim(head_dim):
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim}: the CUDA attention kernels take 1..{MAX_HEAD_DIM}")
+    return head_dim
+
+
+def window_msa(qkv, rel_bias, window, heads, out):
+    """As kernels/window_msa.py window_msa_ref: qkv (B, H, W, 3C), rel_bias (heads, w*w, w*w); writes out
+    (B, H, W, C)."""
+    from .window_msa import _check as check_layout
+    b, h, w, n_cols = _check("qkv", qkv, 4).shape
+    d = _head_dim(check_layout(qkv, _check("rel_bias", rel_bias, 3), window, heads))
+    _same("out", _check("out", out, 4), (b, h, w, heads * d))
+    _kernel("window_msa", "window_msa")(_grid(b * h * w * heads), (BLOCK,), (
+        qkv, rel_bias, out, np.int32(b), np.int32(h), np.int32(w), np.int32(heads), np.int32(d), np.int32(window),
+        np.float32(1.0 / np.sqrt(d))))
+    return out
+
+
+def window_avgpool(x, ws):
+    """x (B, H, W, C) -> (B, ceil(H/ws), ceil(W/ws), C): mean over ws x ws blocks of the zero-padded map."""
+    b, h, w, c = _check("x", x, 4).shape
+    gh, gw = -(-h // ws), -(-w // ws)
+    pooled = cupy().empty((b, gh, gw, c), np.float32)
+    _kernel("hilo", "window_avgpool")(_grid(pooled.size), (BLOCK,), (x, pooled, np.int32(b), np.int32(h), np.int32(w),
+                                                                     np.int32(c), np.int32(ws)))
+    return pooled
+
+
+def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
+    """As kernels/hilo.py hifi_attention_ref; writes out[..., :heads*head_dim]."""
+    b, h, w, qkv_cols = _check("qkv", qkv, 4).shape
+    dim = heads * _head_dim(head_dim)
+    if qkv_cols < 3 * dim or _check("qkv_bias", qkv_bias, 1).shape[0] < 3 * dim:
+        raise ValueError(f"qkv {qkv.shape} / qkv_bias {qkv_bias.shape}: need at least {3 * dim} columns")
+    if _check("out", out, 4).shape[:3] != (b, h, w) or out.shape[3] < dim:
+        raise ValueError(f"out {out.shape}: need (B, H, W) = {(b, h, w)} and at least {dim} columns")
+    _kernel("hilo", "hifi_attention")(_grid(b * h * w * heads), (BLOCK,), (
+        qkv, qkv_bias, out, np.int32(b), np.int32(h), np.int32(w), np.int32(qkv_cols), np.int32(out.shape[3]),
+        np.int32(heads), np.int32(head_dim), np.int32(ws), np.float32(scale)))
+    return out
+
+
+def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
+    """As kernels/hilo.py lofi_attention_ref; writes out[..., out_col:out_col + heads*head_dim]."""
+    b, h, w, qkv_cols = _check("qkv", qkv, 4).shape
+    dim = heads * _head_dim(head_dim)
+    _, keys, kv_cols = _check("kv", kv, 3).shape
+    if kv.shape[0] != b or kv_cols != 2 * dim or q_col + dim > qkv_cols:
+        raise ValueError(f"qkv {qkv.shape} (queries at column {q_col}), kv {kv.shape}: do not fit {heads} x "
+                         f"{head_dim}")
+    _same("q_bias", _check("q_bias", q_bias, 1), (dim,))
+    _same("kv_bias", _check("kv_bias", kv_bias, 1), (2 * dim,))
+    if _check("out", out, 4).shape[:3] != (b, h, w) or out_col + dim > out.shape[3]:
+        raise ValueError(f"out {out.shape}: need (B, H, W) = {(b, h, w)} and columns up to {out_col + dim}")
+    _kernel("hilo", "lofi_attention")(_grid(b * h * w * heads), (BLOCK,), (
+        qkv, q_bias, kv, kv_bias, out, np.int32(b), np.int32(h * w), np.int32(qkv_cols), np.int32(q_col),
+        np.int32(keys), np.int32(out.shape[3]), np.int32(out_col), np.int32(heads), np.int32(head_dim),
+        np.float32(scale)))
+    return out
+
+
+def deform_sample(x, offsets):
+    """x (B, H, W, C); offsets (B, Ho, Wo, 8) -> cols (B, Ho, Wo, 4, C), as kernels/deform_conv.py."""
+    b, h, w, c = _check("x", x, 4).shape
+    _, ho, wo, eight = _check("offsets", offsets, 4).shape
+    if offsets.shape[0] != b or eight != 8:
+        raise ValueError(f"offsets {offsets.shape}: expected ({b}, Ho, Wo, 8)")
+    cols = cupy().empty((b, ho, wo, 4, c), np.float32)
+    _kernel("deform_conv", "deform_sample")(_grid(cols.size), (BLOCK,), (
+        x, offsets, cols, np.int32(b), np.int32(h), np.int32(w), np.int32(c), np.int32(ho), np.int32(wo)))
+    return cols

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from qnalo.kernels import cuda_ops, dwconv_gelu, gelu, gelu_tanh, layernorm, qna
+from qnalo.kernels import cuda_ops, deform_conv, dwconv_gelu, gelu, gelu_tanh, hilo, layernorm, qna, window_msa
 from tolerances import assert_close
 
 SOURCES = sorted(glob.glob(os.path.join(cuda_ops.SOURCE_DIR, "*.cu")))
@@ -136,3 +136,65 @@ def test_qna_windows_match_numpy(seed, b, h, w, heads, hd, nq, k, stride, logit_
     got = cuda_ops.qna_windows(_cp(lv), _cp(rpe), _cp(scale), heads, stride, _cp(np.empty(shape, np.float32)))
     ref = qna.qna_windows_ref(lv, rpe, scale, heads, stride, np.empty(shape, np.float32))
     assert_close(_np(got), ref, "qna", scale=max(1.0, logit_scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@settings(deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), grid=st.integers(1, 3), window=st.integers(1, 7),
+       heads=st.integers(1, 4), d=st.integers(1, 40), logit_scale=st.sampled_from([1.0, 30.0]))
+@example(seed=0, b=1, grid=2, window=7, heads=8, d=32, logit_scale=1.0)    # QnA-ViT-tiny stage 2 (14x14)
+def test_window_msa_matches_numpy(seed, b, grid, window, heads, d, logit_scale):
+    rng = np.random.default_rng(seed)
+    side = grid * window
+    qkv = _rand(rng, b, side, side, 3 * heads * d, scale=logit_scale ** 0.5)
+    rel_bias = _rand(rng, heads, window ** 2, window ** 2)
+    got = cuda_ops.window_msa(_cp(qkv), _cp(rel_bias), window, heads, _cp(np.empty((b, side, side, heads * d),
+                                                                                  np.float32)))
+    ref = window_msa.window_msa_ref(qkv, rel_bias, window, heads, np.empty((b, side, side, heads * d), np.float32))
+    assert_close(_np(got), ref, "window_msa", scale=logit_scale)
+
+
+hilo_cases = dict(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), h=st.integers(1, 13), w=st.integers(1, 13),
+                  ws=st.integers(1, 4), heads=st.integers(1, 3), hd=st.integers(1, 33))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@settings(deadline=None)
+@given(**hilo_cases)
+@example(seed=0, b=1, h=7, w=7, ws=2, heads=1, hd=32)        # LITv2-S stage 2 at 224 (14 -> padded), one Hi-Fi head
+def test_hilo_branches_match_numpy(seed, b, h, w, ws, heads, hd):
+    rng = np.random.default_rng(seed)
+    dim, extra = heads * hd, 5                                  # extra columns past the branch, as in the engine
+    qkv = _rand(rng, b, h, w, 3 * dim + dim + extra)
+    qkv_bias = _rand(rng, 3 * dim + 2)
+    scale = hd ** -0.5
+    shape = (b, h, w, dim + dim + extra)
+    ref = hilo.hifi_attention_ref(qkv, qkv_bias, ws, heads, hd, scale, np.zeros(shape, np.float32))
+    got = cuda_ops.hifi_attention(_cp(qkv), _cp(qkv_bias), ws, heads, hd, scale, _cp(np.zeros(shape, np.float32)))
+    assert_close(_np(got), ref, "hilo", what="Hi-Fi")
+    pooled = hilo.window_avgpool_ref(qkv[..., :dim], ws)
+    assert_close(_np(cuda_ops.window_avgpool(_cp(np.ascontiguousarray(qkv[..., :dim])), ws)), pooled, "hilo",
+                 what="window average pool")
+    kv = _rand(rng, b, pooled.shape[1] * pooled.shape[2], 2 * dim)
+    q_bias, kv_bias = _rand(rng, dim), _rand(rng, 2 * dim)
+    ref = hilo.lofi_attention_ref(qkv, 3 * dim, q_bias, kv, kv_bias, heads, hd, scale, np.zeros(shape, np.float32),
+                                  dim)
+    got = cuda_ops.lofi_attention(_cp(qkv), 3 * dim, _cp(q_bias), _cp(kv), _cp(kv_bias), heads, hd, scale,
+                                  _cp(np.zeros(shape, np.float32)), dim)
+    assert_close(_np(got), ref, "hilo", what="Lo-Fi")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@settings(deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), h=st.integers(2, 15), w=st.integers(2, 15),
+       c=st.integers(1, 20), offset_std=st.sampled_from([0.5, 3.0]))
+@example(seed=0, b=1, h=56, w=56, c=96, offset_std=1.0)      # LITv2-S first DTM
+def test_deform_sample_matches_numpy(seed, b, h, w, c, offset_std):
+    rng = np.random.default_rng(seed)
+    x = _rand(rng, b, h, w, c)
+    offsets = _rand(rng, b, h // 2, w // 2, 8, scale=offset_std)     # large enough to cross the border
+    got = cuda_ops.deform_sample(_cp(x), _cp(offsets))
+    assert_close(_np(got), deform_conv.deform_sample_ref(x, offsets), "deform_conv")
