@@ -91,3 +91,32 @@ def test_the_miniature_keeps_the_code_paths_and_shrinks_the_cost(name):
     else:
         assert (mini.qna_heads, mini.msa_heads, mini.msa_windows, mini.qna_kernel_sizes, mini.n_queries) == \
             (cfg.qna_heads, cfg.msa_heads, cfg.msa_windows, cfg.qna_kernel_sizes, cfg.n_queries)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["litv2_s", "qna_vit_tiny"])
+def test_eight_threads_sharing_a_full_size_model_get_the_single_thread_logits(name):
+    # full size, so that kernels split across the worker threads while other callers find them busy and run
+    # theirs unsplit: both must give the same bits
+    import threading
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = qnalo.create_model(name)
+    images = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(8)]
+    expected = [model(x) for x in images]
+    mismatches, errors = [], []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                if not np.array_equal(model(images[i]), expected[i]):
+                    mismatches.append(i)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and mismatches == []
