@@ -13,7 +13,7 @@ import warnings
 
 from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError
 from .models import ARCHITECTURES, MODEL_REGISTRY
-from .models.ops import get_ops
+from .models.ops import device_ops, get_ops
 from .weights import read_weights
 
 __version__ = "0.1.0"
@@ -27,11 +27,12 @@ def list_models():
     return sorted(MODEL_REGISTRY)
 
 
-def create_model(name, weights=None, backend="numba", **overrides):
+def create_model(name, weights=None, backend="numba", device="cpu", **overrides):
     """Build a registered variant. `weights`: a qnalo weights file (from `qnalo convert`); without it the
     model gets random weights and a warning, and `overrides` may replace config fields (e.g. num_classes=10);
     a weights file carries its own config, which must be this variant's architecture.
-    backend: "numba" (fast kernels) or "numpy" (the plain reference ops)."""
+    backend: "numba" (fast kernels) or "numpy" (the plain reference ops), the CPU's op set.
+    device: "cpu", or "cuda" (CuPy and an NVIDIA GPU; see model.to)."""
     if name not in MODEL_REGISTRY:
         raise InputError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     model_cls, config_cls, config = MODEL_REGISTRY[name]
@@ -42,11 +43,11 @@ def create_model(name, weights=None, backend="numba", **overrides):
         config = config.replace(**overrides)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid config overrides for {name}: {exc}") from None
-    get_ops(backend)   # an unknown backend fails before any weights are made or read
+    _check_target(backend, device)   # before any weights are made or read
     if weights is None:
         warnings.warn(f"qnalo: {name} created with random weights; pass weights= a converted file "
                       "(see `qnalo convert`) for real predictions", stacklevel=2)
-        return model_cls(config, model_cls.random_tensors(config), backend=backend, source={"variant": name})
+        return _build(model_cls, config, model_cls.random_tensors(config), backend, device, {"variant": name})
     if overrides:
         raise InputError(f"config overrides ({', '.join(sorted(overrides))}) apply to random weights only; "
                          "a weights file carries its own config")
@@ -61,14 +62,32 @@ def create_model(name, weights=None, backend="numba", **overrides):
         raise CheckpointError(f"{weights}: holds {held} weights, not {name} (differs in {', '.join(different)}); "
                               "load it with qnalo.load(path)")
     # the file's own config wins for what the variant leaves open: classes, dense norms, resolution
-    return model_cls(file_config, tensors, backend=backend, source=source)
+    return _build(model_cls, file_config, tensors, backend, device, source)
 
 
-def load(path, backend="numba"):
+def load(path, backend="numba", device="cpu"):
     """The model described by a qnalo weights file alone (its config travels in the file's metadata)."""
+    _check_target(backend, device)
     tensors, architecture, config, source = read_weights(path)
     if architecture not in ARCHITECTURES:
         raise CheckpointError(f"{path}: unknown architecture {architecture!r}; this qnalo knows "
                               f"{sorted(ARCHITECTURES)}")
     model_cls, config_cls = ARCHITECTURES[architecture]
-    return model_cls(config_cls.from_dict(config), tensors, backend=backend, source=source)
+    return _build(model_cls, config_cls.from_dict(config), tensors, backend, device, source)
+
+
+def _check_target(backend, device):
+    get_ops(backend)
+    if device != "cpu":
+        device_ops(device)   # no CuPy, no GPU, an unknown device: an InputError that says so
+
+
+def _build(model_cls, config, tensors, backend, device, source):
+    if device == "cpu":
+        return model_cls(config, tensors, backend=backend, source=source)
+    # built on the plain reference ops (no CPU packing or kernel warm-up), then moved; `backend` is what
+    # model.to("cpu") will use
+    model = model_cls(config, tensors, backend="numpy", source=source)
+    model.to(device)
+    model.backend = backend
+    return model

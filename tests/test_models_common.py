@@ -1,4 +1,5 @@
 """qnalo/models/common.py: the warm-up that loads a model's kernels before its weights, and read-only tensors."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -120,3 +121,98 @@ def test_eight_threads_sharing_a_full_size_model_get_the_single_thread_logits(na
     for t in threads:
         t.join()
     assert errors == [] and mismatches == []
+
+
+# -- device plumbing -----------------------------------------------------------------------------------------
+class DeviceArray(np.ndarray):
+    """Stands for a GPU array: a model moved to the fake device must hand its ops nothing else."""
+
+
+def _fake_device():
+    """The op set of a stand-in device: NumPy's reference ops behind checks that every array they get lives
+    on the device and is C-contiguous (the CUDA wrappers' rules), with an xp whose constructors make device
+    arrays. A glue line still calling numpy, or passing a strided view, fails here."""
+    from types import SimpleNamespace
+
+    from qnalo.models import ops as ops_module
+
+    def dev(a):
+        return np.asarray(a).view(DeviceArray)
+
+    def checked(name, fn, contiguous=True):
+        def run(*args, **kwargs):
+            for a in list(args) + list(kwargs.values()):
+                if isinstance(a, np.ndarray):
+                    assert type(a) is DeviceArray, f"{name} got a host array {a.shape}"
+                    assert a.flags.c_contiguous or not contiguous, f"{name} got a strided array {a.strides}"
+            out = fn(*args, **kwargs)
+            return out.view(DeviceArray) if isinstance(out, np.ndarray) else out
+        return run
+
+    def matmul(x, w, out=None):
+        y = np.matmul(np.asarray(x), np.asarray(w))
+        if out is None:
+            return dev(y)
+        out[...] = y
+        return out
+
+    xp = SimpleNamespace(
+        __name__="fakedevice", ndarray=DeviceArray, float32=np.float32,
+        empty=lambda *a, **k: dev(np.empty(*a, **k)), empty_like=lambda a, **k: dev(np.empty_like(a, **k)),
+        zeros=lambda *a, **k: dev(np.zeros(*a, **k)), ascontiguousarray=lambda a: dev(np.ascontiguousarray(a)),
+        concatenate=lambda arrays, **k: dev(np.concatenate(arrays, **k)), pad=lambda a, w: dev(np.pad(a, w)))
+    kernels = {name: checked(name, fn) for name, fn in vars(ops_module.NUMPY).items()
+               if name not in ("xp", "to_device", "to_host", "pack_weight", "matmul")}
+    return SimpleNamespace(xp=xp, to_device=lambda a: dev(np.array(a)), to_host=lambda a: np.array(a),
+                           pack_weight=lambda w: dev(np.array(w)), matmul=checked("matmul", matmul, False),
+                           **kernels)
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    from qnalo.models import ops as ops_module
+    monkeypatch.setitem(ops_module.DEVICES, "fake", _fake_device)
+    monkeypatch.setattr(ops_module, "_DEVICE_OPS", {})
+    return "fake"
+
+
+@pytest.mark.parametrize("name,size", [("litv2_s", 97), ("qna_vit_tiny", 224)])
+def test_a_model_on_another_device_runs_its_whole_forward_there(fake_device, name, size):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moved = qnalo.create_model(name, device=fake_device)
+        host = qnalo.create_model(name, backend="numpy")           # the same seeded random weights
+    x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    logits = moved(x)                                             # NumPy in: copied there, NumPy out
+    assert type(logits) is np.ndarray
+    np.testing.assert_array_equal(logits, host(x))
+    on_device = moved(x.view(DeviceArray))                        # device array in: stays there
+    assert type(on_device) is DeviceArray
+    for got, want in zip(moved.forward_features(x), host.forward_features(x)):
+        assert type(got) is np.ndarray
+        np.testing.assert_array_equal(got, want)
+    assert moved(x[:0]).shape == (0, 1000)
+
+
+def test_to_cpu_brings_a_model_back_to_the_numba_kernels(fake_device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = qnalo.create_model("qna_vit_tiny", device=fake_device)
+        cpu = qnalo.create_model("qna_vit_tiny")
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert model.to("cpu") is model and model.device == "cpu" and model.backend == "numba"
+    np.testing.assert_array_equal(model(x), cpu(x))                # the weights re-packed for the CPU GEMM
+    assert model.to("cpu") is model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = qnalo.create_model("qna_vit_tiny", backend="numpy")
+    np.testing.assert_array_equal(model.to(fake_device)(x), reference(x))  # and there again (NumPy's ops)
+
+
+def test_asking_for_cuda_without_cupy_or_a_gpu_is_one_clear_error():
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed")
+    with pytest.raises(qnalo.InputError, match=r"device='cuda'.*pip install 'qnalo\[cuda\]'"):
+        qnalo.create_model("litv2_s", device="cuda")
+    with pytest.raises(qnalo.InputError, match="unknown device 'tpu'"):
+        qnalo.load("whatever.safetensors", device="tpu")

@@ -7,7 +7,7 @@ import numpy as np
 from ..errors import CheckpointError, InputError, key_mismatches
 from ..kernels import _jit
 from ..weights import release_pages
-from .ops import get_ops
+from .ops import device_ops, get_ops
 
 _WARMED = set()   # (model class, miniature config) already run in this process
 
@@ -32,11 +32,14 @@ class Norm:
         self.bias = t[prefix + ".bias"]
 
 
-def check_image_batch(x, model_name, min_size, factor):
-    """The checks of a model input: a float32 NCHW numpy array (B, 3, H, W) with H, W >= min_size (the model
-    downsamples by `factor`). Returns it C-contiguous."""
-    if not isinstance(x, np.ndarray):
-        raise InputError(f"expected a numpy array of shape (B, 3, H, W), got {type(x).__name__}")
+def check_image_batch(x, model_name, min_size, factor, xp=np):
+    """The checks of a model input: a float32 NCHW array of the model's device (xp: numpy or cupy) (B, 3, H, W)
+    with H, W >= min_size (the model downsamples by `factor`). Returns it C-contiguous."""
+    if not isinstance(x, xp.ndarray):
+        where = "a numpy" if xp is np else f"a {xp.__name__} (or numpy)"
+        hint = "; move it with cupy.asnumpy(x), or the model with model.to('cuda')" if xp is np and \
+            type(x).__module__.startswith("cupy") else ""
+        raise InputError(f"expected {where} array of shape (B, 3, H, W), got {type(x).__name__}{hint}")
     if x.ndim != 4:
         raise InputError(f"expected a 4-D NCHW array (B, 3, H, W), got shape {x.shape}"
                          + ("; add a batch axis with x[None]" if x.ndim == 3 else ""))
@@ -48,7 +51,7 @@ def check_image_batch(x, model_name, min_size, factor):
     if min(x.shape[2:]) < min_size:
         raise InputError(f"image {x.shape[2]}x{x.shape[3]} is too small: {model_name} needs at least "
                          f"{min_size}x{min_size} pixels (it downsamples by {factor})")
-    return np.ascontiguousarray(x)
+    return xp.ascontiguousarray(x)
 
 
 class Classifier:
@@ -74,9 +77,29 @@ class Classifier:
         """The image side warm_up runs this model at: its resolution (any side runs)."""
         return self.config.img_size
 
+    device = "cpu"
+
+    def to(self, device):
+        """Moves the model to `device` ("cpu", or "cuda": the CUDA kernels on CuPy arrays) and returns it. Its
+        weights are copied there (and re-packed for the CPU's GEMM on the way back)."""
+        if device == self.device:
+            return self
+        ops = get_ops(self.backend) if device == "cpu" else device_ops(device)
+        _move(self, self._ops, ops, set())
+        self._ops, self.device = ops, device
+        return self
+
+    def _input(self, x):
+        """(x on the model's device, checked, and a function that brings an output back to x's kind): NumPy
+        input to a CUDA model is copied to the GPU and its outputs back; CuPy input keeps them there."""
+        if self.device != "cpu" and isinstance(x, np.ndarray) and not isinstance(x, self._ops.xp.ndarray):
+            return self._check_input(self._ops.to_device(x)), self._ops.to_host
+        return self._check_input(x), _same
+
     def forward_head(self, tokens, b):
         """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
-        normed = self._ops.layernorm(tokens, self.norm.weight, self.norm.bias, self.LN_EPS, np.empty_like(tokens))
+        normed = self._ops.layernorm(tokens, self.norm.weight, self.norm.bias, self.LN_EPS,
+                                     self._ops.xp.empty_like(tokens))
         pooled = normed.reshape(b, -1, normed.shape[1]).mean(axis=1, dtype=np.float64).astype(np.float32)
         return self.head.matmul(pooled) + self.head.bias
 
@@ -84,12 +107,12 @@ class Classifier:
         """x (B, 3, H, W) float32 -> logits (B, num_classes) float32."""
         if not self.config.num_classes:
             raise InputError(self.NO_HEAD)
-        x = self._check_input(x)
+        x, to_caller = self._input(x)
         if x.shape[0] == 0:
-            return np.zeros((0, self.config.num_classes), np.float32)
+            return to_caller(self._ops.xp.zeros((0, self.config.num_classes), np.float32))
         for tokens, _, _ in self._stages(x, keep_early=False):
             pass
-        return self.forward_head(tokens, x.shape[0])
+        return to_caller(self.forward_head(tokens, x.shape[0]))
 
 
 def _read_only(array):
@@ -120,6 +143,36 @@ def warm_up(model_cls, cfg):
     model.forward_features(x)
     _jit.start_workers()
     _jit.release_compiler_pages()
+
+
+def _same(a):
+    return a
+
+
+def _move(obj, old, new, seen):
+    """Every array held by obj and the model parts below it: from old's device to new's; a Linear's weight
+    through the GEMM layouts (unpacked, then packed for new) and its matmul rebound."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, Linear):
+        host = obj.weight.unpack() if hasattr(obj.weight, "unpack") else old.to_host(obj.weight)
+        obj.weight, obj._matmul = new.pack_weight(np.ascontiguousarray(host)), new.matmul
+    for name, value in vars(obj).items():
+        if not (isinstance(obj, Linear) and name in ("weight", "_matmul")):
+            setattr(obj, name, _moved(value, old, new, seen))
+
+
+def _moved(value, old, new, seen):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, old, new, seen) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new, seen) for k, v in value.items()}
+    if isinstance(value, (np.ndarray, old.xp.ndarray)):
+        return new.to_device(old.to_host(value))
+    if type(value).__module__.startswith("qnalo.models") and not dataclasses.is_dataclass(value):
+        _move(value, old, new, seen)   # a model part (configs are dataclasses and hold no arrays)
+    return value
 
 
 def head_shapes(features, num_classes):

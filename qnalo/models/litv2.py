@@ -104,7 +104,7 @@ class HiLoAttention:
     def __call__(self, ops, xn, b, h, w):
         """xn (B*h*w, C) normalised tokens -> the projected output (B*h*w, C) without its bias, and that bias."""
         c = xn.shape[1]
-        heads_out = np.empty((b, h, w, c), dtype=np.float32)
+        heads_out = ops.xp.empty((b, h, w, c), dtype=np.float32)
         projected = self.in_proj.matmul(xn).reshape(b, h, w, -1)   # [qkv | q], no bias
         bias = self.in_proj.bias
         if self.hi_heads:
@@ -116,7 +116,7 @@ class HiLoAttention:
             ops.lofi_attention(projected, self.q_col, bias[self.q_col:], kv, self.l_kv.bias, self.lo_heads,
                                self.head_dim, self.scale, heads_out, self.hi_dim)
         heads_out = heads_out.reshape(-1, c)
-        out = np.empty_like(heads_out)
+        out = ops.xp.empty_like(heads_out)
         if self.hi_heads:
             self.h_proj.matmul(heads_out[:, :self.hi_dim], out[:, :self.hi_dim])
         if self.lo_heads:
@@ -216,7 +216,7 @@ class LITv2(Classifier):
 
     # -- input checks ---------------------------------------------------------------------------------------
     def _check_input(self, x):
-        return check_image_batch(x, "LITv2", self.min_size, 32)
+        return check_image_batch(x, "LITv2", self.min_size, 32, self._ops.xp)
 
     @staticmethod
     def feature_sizes(height, width):
@@ -233,7 +233,7 @@ class LITv2(Classifier):
         b, _, height, width = x.shape
         h, w = -(-height // 4), -(-width // 4)
         if (4 * h, 4 * w) != (height, width):   # zero-pad right and bottom to a multiple of 4
-            x = np.pad(x, ((0, 0), (0, 0), (0, 4 * h - height), (0, 4 * w - width)))
+            x = self._ops.xp.pad(x, ((0, 0), (0, 0), (0, 4 * h - height), (0, 4 * w - width)))
         patches = x.reshape(b, 3, h, 4, w, 4).transpose(0, 2, 4, 1, 3, 5).reshape(b * h * w, 48)
         tokens = self.patch.matmul(patches)
         tokens += self.patch.bias
@@ -243,7 +243,7 @@ class LITv2(Classifier):
         """The blocks of stage i on tokens (B*h*w, C), in place."""
         blocks = self.stages[i]
         first = blocks[0].first_norm
-        xn = self._ops.layernorm(tokens, first.weight, first.bias, LN_EPS, np.empty_like(tokens))
+        xn = self._ops.layernorm(tokens, first.weight, first.bias, LN_EPS, self._ops.xp.empty_like(tokens))
         for j, blk in enumerate(blocks):
             blk(self._ops, tokens, xn, b, h, w, blocks[j + 1].first_norm if j + 1 < len(blocks) else None)
         return tokens
@@ -262,7 +262,7 @@ class LITv2(Classifier):
             n = min(group, b - start)
             tokens, h, w = self._patch_embed(x[start:start + n])
             tokens = ops.layernorm(tokens, self.patch_norm.weight, self.patch_norm.bias, LN_EPS,
-                                   np.empty_like(tokens))
+                                   ops.xp.empty_like(tokens))
             for i in (0, 1):
                 tokens = self._run_stage(i, tokens, n, h, w)
                 if keep_early:
@@ -270,8 +270,8 @@ class LITv2(Classifier):
                 tokens, h, w = self.downsamples[i](ops, tokens, n, h, w)
             merged.append(tokens)
         for parts in early if keep_early else ():
-            yield (np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]), *parts[0][1:]
-        tokens = np.concatenate(merged) if len(merged) > 1 else merged[0]
+            yield (ops.xp.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]), *parts[0][1:]
+        tokens = ops.xp.concatenate(merged) if len(merged) > 1 else merged[0]
         for i in (2, 3):
             yield self._run_stage(i, tokens, b, h, w), h, w
             if i < 3:
@@ -280,15 +280,15 @@ class LITv2(Classifier):
     def forward_features(self, x):
         """x (B, 3, H, W) float32 -> [(B, C_i, H_i, W_i) for the 4 stages], taken before each downsampling;
         with a dense checkpoint's per-stage norms applied where it has them."""
-        x = self._check_input(x)
-        b = x.shape[0]
+        x, to_caller = self._input(x)
+        b, xp = x.shape[0], self._ops.xp
         if b == 0:
-            return [np.zeros((0, self.config.stage_dim(i), h, w), np.float32)
+            return [to_caller(xp.zeros((0, self.config.stage_dim(i), h, w), np.float32))
                     for i, (h, w) in enumerate(self.feature_sizes(*x.shape[2:]))]
         feats = []
         for i, (tokens, h, w) in enumerate(self._stages(x)):
             if i in self.out_norms:
                 n = self.out_norms[i]
-                tokens = self._ops.layernorm(tokens, n.weight, n.bias, LN_EPS, np.empty_like(tokens))
-            feats.append(np.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2)))
+                tokens = self._ops.layernorm(tokens, n.weight, n.bias, LN_EPS, xp.empty_like(tokens))
+            feats.append(to_caller(xp.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2))))
         return feats

@@ -104,7 +104,7 @@ class QnAAttention:
         """xn (B*h*w, C) normalised tokens -> (B*ho*wo, F) without bias (there is none), ho, wo."""
         lv = self.in_proj.matmul(xn).reshape(b, h, w, -1)
         ho, wo = qna_output_size(h, self.ksize, self.stride), qna_output_size(w, self.ksize, self.stride)
-        out = np.empty((b, ho, wo, self.features), np.float32)
+        out = ops.xp.empty((b, ho, wo, self.features), np.float32)
         ops.qna_windows(lv, self.rpe, self.attn_scale, self.heads, self.stride, out)
         return self.out_proj.matmul(out.reshape(-1, self.features)), ho, wo
 
@@ -122,7 +122,7 @@ class WindowMSA:
     def __call__(self, ops, xn, b, h, w):
         c = xn.shape[1]
         qkv = self.qkv.matmul(xn).reshape(b, h, w, 3 * c)
-        out = np.empty((b, h, w, c), np.float32)
+        out = ops.xp.empty((b, h, w, c), np.float32)
         ops.window_msa(qkv, self.rel_bias, self.window, self.heads, out)
         return self.proj.matmul(out.reshape(-1, c)), h, w
 
@@ -158,8 +158,8 @@ class Block:
         y, ho, wo = self.mixer(ops, xn, b, h, w)
         if self.skip is not None:
             c = x.shape[1]
-            x = self.skip.matmul(np.ascontiguousarray(x.reshape(b, h, w, c)[:, ::2, ::2]).reshape(-1, c))
-            xn = np.empty_like(x)
+            x = self.skip.matmul(ops.xp.ascontiguousarray(x.reshape(b, h, w, c)[:, ::2, ::2]).reshape(-1, c))
+            xn = ops.xp.empty_like(x)
         ops.residual_add_layernorm(x, y, self.zero_bias, self.norm2.weight, self.norm2.bias, LN_EPS, xn)
         y, bias = self.mlp(ops, xn)
         if next_norm is None:
@@ -235,7 +235,7 @@ class QnAViT(Classifier):
         return next((m for d in range(n) for m in (n + d, n - d) if m >= 32 and self._side_fits(m)), None)
 
     def _check_input(self, x):
-        x = check_image_batch(x, "QnA-ViT", 1, 32)
+        x = check_image_batch(x, "QnA-ViT", 1, 32, self._ops.xp)
         cfg = self.config
         for axis, n in (("height", x.shape[2]), ("width", x.shape[3])):
             if not self._side_fits(n):
@@ -258,8 +258,8 @@ class QnAViT(Classifier):
         h, w = -(-height // 4), -(-width // 4)
         ph, pw = 4 * h - height, 4 * w - width
         if ph or pw:
-            x = np.pad(x, ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
-        patches = np.ascontiguousarray(x.reshape(b, 3, h, 4, w, 4).transpose(0, 2, 4, 1, 3, 5)).reshape(-1, 48)
+            x = self._ops.xp.pad(x, ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
+        patches = self._ops.xp.ascontiguousarray(x.reshape(b, 3, h, 4, w, 4).transpose(0, 2, 4, 1, 3, 5)).reshape(-1, 48)
         return self.stem.matmul(patches), h, w
 
     def _stages(self, x, keep_early=True):
@@ -267,7 +267,7 @@ class QnAViT(Classifier):
         keep_early is the Classifier's flag; nothing is kept across stages here, so it changes nothing."""
         ops, b = self._ops, x.shape[0]
         tokens, h, w = self._stem(x)
-        xn = ops.layernorm(tokens, self._first_norm.weight, self._first_norm.bias, LN_EPS, np.empty_like(tokens))
+        xn = ops.layernorm(tokens, self._first_norm.weight, self._first_norm.bias, LN_EPS, ops.xp.empty_like(tokens))
         for i in range(4):
             for blk in self.stages[i]:
                 tokens, xn, h, w = blk(ops, tokens, xn, b, h, w, self._next_norm.get(id(blk)))
@@ -278,10 +278,10 @@ class QnAViT(Classifier):
 
     def forward_features(self, x):
         """x (B, 3, H, W) float32 -> [(B, C_i, H_i, W_i) for the 4 stages]."""
-        x = self._check_input(x)
-        b = x.shape[0]
+        x, to_caller = self._input(x)
+        b, xp = x.shape[0], self._ops.xp
         if b == 0:
-            return [np.zeros((0, self.config.stage_dim(i), h, w), np.float32)
+            return [to_caller(xp.zeros((0, self.config.stage_dim(i), h, w), np.float32))
                     for i, (h, w) in enumerate(self.feature_sizes(*x.shape[2:]))]
-        return [np.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2))
+        return [to_caller(xp.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2)))
                 for tokens, h, w in self._stages(x)]
