@@ -44,3 +44,26 @@ def check_non_finite_stays_in_its_image(model, numpy_model, bad):
     logits = model(x)
     np.testing.assert_array_equal(np.isnan(logits), np.isnan(numpy_model(x)))
     assert_logits_close(logits[1:], model(np.ascontiguousarray(x[1:])))
+
+
+def check_threads_get_single_thread_outputs(model, images, calls):
+    """One thread per image, each calling model(image) `calls` times while the others run: every output must
+    be bit-identical to a lone call's (kernels release the GIL and share the worker threads)."""
+    import threading
+    expected = [model(x) for x in images]
+    mismatches, errors = [], []
+
+    def work(i):
+        try:
+            for _ in range(calls):
+                if not np.array_equal(model(images[i]), expected[i]):
+                    mismatches.append(i)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and mismatches == []

@@ -14,8 +14,8 @@ from hypothesis import example, given, settings, strategies as st
 import qnalo
 from qnalo.models.litv2 import LITv2
 from qnalo.models.litv2_config import LITV2_VARIANTS, LITv2Config
-from model_helpers import (BAD_INPUTS, check_non_contiguous_input, check_non_finite_stays_in_its_image, image,
-                           torch_run)
+from model_helpers import (BAD_INPUTS, check_non_contiguous_input, check_non_finite_stays_in_its_image,
+                           check_threads_get_single_thread_outputs, image, torch_run)
 from tolerances import assert_logits_close
 
 torch = pytest.importorskip("torch")
@@ -199,27 +199,8 @@ def test_numba_and_numpy_backends_agree_on_litv2_s():
 
 def test_threads_share_a_model(tiny_model):
     # kernels release the GIL and run concurrently: shared read-only weights, per-call buffers
-    import threading
     model, _ = tiny_model
-    images = [image(i, 2, 48, 40) for i in range(4)]
-    expected = [model(x) for x in images]
-    results, errors = {}, []
-
-    def work(i):
-        try:
-            results[i] = [model(images[i]) for _ in range(5)]
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    for i in range(4):
-        for out in results[i]:
-            np.testing.assert_array_equal(out, expected[i])
+    check_threads_get_single_thread_outputs(model, [image(i, 2, 48, 40) for i in range(4)], 5)
 
 
 def test_create_model_checks_the_file_against_the_name(tmp_path):

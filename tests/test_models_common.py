@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import qnalo
+from model_helpers import check_threads_get_single_thread_outputs
 
 # Run in a fresh interpreter: in this test process earlier tests have loaded every kernel already, so a kernel
 # the warm-up missed would go unnoticed here.
@@ -99,28 +100,11 @@ def test_the_miniature_keeps_the_code_paths_and_shrinks_the_cost(name):
 def test_eight_threads_sharing_a_full_size_model_get_the_single_thread_logits(name):
     # full size, so that kernels split across the worker threads while other callers find them busy and run
     # theirs unsplit: both must give the same bits
-    import threading
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = qnalo.create_model(name)
     images = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(8)]
-    expected = [model(x) for x in images]
-    mismatches, errors = [], []
-
-    def work(i):
-        try:
-            for _ in range(3):
-                if not np.array_equal(model(images[i]), expected[i]):
-                    mismatches.append(i)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and mismatches == []
+    check_threads_get_single_thread_outputs(model, images, 3)
 
 
 # -- device plumbing -----------------------------------------------------------------------------------------
