@@ -187,6 +187,21 @@ def _workers():
         return _workers_state["workers"]
 
 
+def set_num_threads(n):
+    """Threads that split kernels from now on (default: QNALO_NUM_THREADS, NUMBA_NUM_THREADS, else the CPUs this
+    process may run on). Only before the first model is built in this process: running workers are not resized."""
+    global NUM_THREADS
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"thread count must be positive, got {n}")
+    with _workers_lock:
+        running = _workers_state["key"] == (os.getpid(), NUM_THREADS)
+        if running and n != NUM_THREADS:
+            raise ValueError(f"{NUM_THREADS} kernel threads are already running in this process; set the count "
+                             "before building a model (or with QNALO_NUM_THREADS)")
+        NUM_THREADS = n
+
+
 def start_workers():
     """Starts the worker threads and loads their spin kernels, so that the first split pays neither."""
     from . import spin

@@ -18,13 +18,23 @@ from .weights import read_weights
 
 __version__ = "0.1.0"
 
-__all__ = ["list_models", "create_model", "load", "QnaloError", "InputError", "CheckpointError",
+__all__ = ["list_models", "create_model", "load", "set_num_threads", "QnaloError", "InputError", "CheckpointError",
            "UnsafeCheckpointError"]
 
 
 def list_models():
     """The registered variant names."""
     return sorted(MODEL_REGISTRY)
+
+
+def set_num_threads(n):
+    """Kernel threads for this process (default: QNALO_NUM_THREADS, else every CPU it may use); call it before
+    the first model is built."""
+    from .kernels import _jit
+    try:
+        _jit.set_num_threads(n)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def create_model(name, weights=None, backend="numba", device="cpu", **overrides):
@@ -53,14 +63,14 @@ def create_model(name, weights=None, backend="numba", device="cpu", **overrides)
                          "a weights file carries its own config")
     tensors, architecture, file_config, source = read_weights(weights)
     if architecture != model_cls.architecture:
-        raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; use qnalo.load(path)")
+        raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; load it by itself (qnalo.load(path), or without --model)")
     file_config = config_cls.from_dict(file_config)
     different = [f.name for f in dataclasses.fields(config_cls) if f.name in config_cls.ARCHITECTURE_FIELDS
                  and getattr(file_config, f.name) != getattr(config, f.name)]
     if different:
         held = source.get("variant") or "a different configuration"
         raise CheckpointError(f"{weights}: holds {held} weights, not {name} (differs in {', '.join(different)}); "
-                              "load it with qnalo.load(path)")
+                              "load it by itself (qnalo.load(path), or without --model)")
     # the file's own config wins for what the variant leaves open: classes, dense norms, resolution
     return _build(model_cls, file_config, tensors, backend, device, source)
 

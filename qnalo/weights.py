@@ -23,6 +23,12 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 2**20   # safetensors' own limit is 100 MB; a LITv2-B header is ~60 kB
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_weights(path, tensors, architecture, config, source=None, force=False):
     """Write `tensors` (name -> float32 array) atomically: a temp file in the same folder, then rename.
 
@@ -49,6 +55,7 @@ def save_weights(path, tensors, architecture, config, source=None, force=False):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".qnalo-", suffix=".tmp", dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; the result gets a plain new file's mode
     try:
         save_file(arrays, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:

@@ -15,6 +15,15 @@ BAD_INPUTS = [
 ]
 
 
+def photo(seed, h, w):
+    """A smooth random image with edges (what real photos have), uint8 RGB (h, w, 3)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (max(2, h // 40), max(2, w // 40), 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), np.int16)
+    return np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+
+
 def image(seed, b, h, w):
     return np.random.default_rng(seed).standard_normal((b, 3, h, w)).astype(np.float32)
 

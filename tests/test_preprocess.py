@@ -4,6 +4,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from qnalo import preprocess
+from model_helpers import photo
 
 torch = pytest.importorskip("torch")
 Image = pytest.importorskip("PIL.Image")
@@ -12,21 +13,13 @@ from reference.preprocess_torch import litv2_reference, qna_vit_reference  # noq
 sizes = dict(seed=st.integers(0, 2**32 - 1), h=st.integers(230, 700), w=st.integers(230, 700))
 
 
-def _photo(seed, h, w):
-    """A smooth random image with edges (what real photos have), uint8 RGB."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (max(2, h // 40), max(2, w // 40), 3)).astype(np.uint8)
-    img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), np.int16)
-    return np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
-
-
 @settings(deadline=None, max_examples=30)
 @given(**sizes, img_size=st.sampled_from([224, 384]))
 @example(seed=0, h=375, w=500, img_size=224)   # a typical ImageNet validation image, landscape
 @example(seed=1, h=500, w=333, img_size=224)   # portrait, odd
 @example(seed=2, h=256, w=256, img_size=384)
 def test_litv2_matches_the_torchvision_pipeline(seed, h, w, img_size):
-    img = Image.fromarray(_photo(seed, h, w))
+    img = Image.fromarray(photo(seed, h, w))
     got = preprocess.litv2_eval(img, img_size)
     want = litv2_reference(img, img_size).numpy()
     assert got.shape == want.shape == (1, 3, img_size, img_size) and got.dtype == np.float32
@@ -38,7 +31,7 @@ def test_litv2_matches_the_torchvision_pipeline(seed, h, w, img_size):
 @example(seed=0, h=375, w=500)
 @example(seed=1, h=224, w=224)                  # the crop (196) is upsampled back to 224
 def test_qna_vit_matches_the_tensorflow_bicubic_pipeline(seed, h, w):
-    pixels = _photo(seed, h, w)
+    pixels = photo(seed, h, w)
     got = preprocess.qna_vit_eval(pixels)
     want, resized = qna_vit_reference(pixels)
     # the two evaluations of the resize agree to rounding; the uint8 truncation then agrees wherever a value
@@ -64,7 +57,7 @@ def test_bicubic_rows_are_normalised_and_exact_on_constants():
 
 def test_paths_and_bad_pixels(tmp_path):
     path = tmp_path / "photo.png"
-    Image.fromarray(_photo(3, 300, 260)).save(path)
+    Image.fromarray(photo(3, 300, 260)).save(path)
     np.testing.assert_array_equal(preprocess.litv2_eval(str(path)), preprocess.litv2_eval(Image.open(path)))
     np.testing.assert_array_equal(preprocess.official_eval("qna_vit", 224, str(path)),
                                   preprocess.qna_vit_eval(np.asarray(Image.open(path).convert("RGB"))))

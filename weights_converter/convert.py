@@ -45,15 +45,25 @@ class SourceCheckpoint:
     path: str = None                 # the file read (a Flax folder: its latest checkpoint_<step>)
 
 
-def convert(src, dst, force=False, img_size=None, window_sizes=None):
+CONVERT_STEPS = ("read", "map", "hash", "write")
+
+
+def convert(src, dst, force=False, img_size=None, window_sizes=None, labels=None, head_dim=None, progress=None):
     """Convert the checkpoint `src` into the qnalo weights file `dst` (written atomically).
 
+    head_dim: LITv2's width per head (default 32, that of every released LITv2; shapes cannot tell it).
+    labels: class names to record (one per class; `qnalo classify` prints them; default: ImageNet's names for a
+    1000-class head, else the class numbers).
+    progress: called with the name of each step as it starts (CONVERT_STEPS), for a progress bar.
     An existing `dst` is an error unless force=True; nothing is written when anything fails. Returns a
     summary: path, architecture, variant, config, params (trainable parameter count), tensors, source."""
     src, dst = os.fspath(src), os.fspath(dst)
+    step = progress or (lambda name: None)
     _check_destination(dst, force)
+    step("read")
     checkpoint = read_checkpoint(src)
     src = checkpoint.path or src
+    step("map")
     try:
         if checkpoint.format.startswith("flax"):
             family, family_converter = FLAX_FAMILY
@@ -62,15 +72,22 @@ def convert(src, dst, force=False, img_size=None, window_sizes=None):
             _, family_converter = FAMILIES[family]
         tensors, config, variant, ignored = family_converter(
             checkpoint.state_dict, file_name=os.path.basename(src), yacs_config=checkpoint.yacs_config,
-            img_size=img_size, window_sizes=window_sizes)
+            img_size=img_size, window_sizes=window_sizes, **({"head_dim": head_dim} if head_dim else {}))
     except CheckpointError as exc:
         raise type(exc)(f"{src}: {exc}") from None
+    step("hash")
     source = {"file": os.path.basename(src), "sha256": _sha256(src), "format": checkpoint.format,
               "variant": variant, "ignored_keys": sorted(checkpoint.ignored_keys + ignored)}
     if variant is None:
         del source["variant"]
+    if labels is not None:
+        labels = [str(label) for label in labels]
+        if len(labels) != config.num_classes:
+            raise CheckpointError(f"{src}: {len(labels)} labels given for a head of {config.num_classes} classes")
+        source["labels"] = labels
     if family == "qna_vit":
         source["query"] = QUERY_SEMANTICS   # q_param holds the raw official query (spec qna.md 6.4)
+    step("write")
     save_weights(dst, tensors, family, config.to_dict(), source=source, force=force)
     return {"path": dst, "architecture": family, "variant": variant, "config": config.to_dict(),
             "params": parameter_count(tensors), "tensors": len(tensors), "source": source}

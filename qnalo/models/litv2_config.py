@@ -57,6 +57,33 @@ class LITv2Config(ConfigDict):
     def num_features(self):
         return self.stage_dim(3)
 
+    def macs(self, h, w):
+        """Multiply-accumulates of one (3, h, w) image: every Linear, convolution and attention product (HiLo's
+        as its official flops(H, W) counts them); normalisation, activations, softmax, pooling and the deformable
+        convolution's bilinear sampling are left out."""
+        h, w = -(-h // 4), -(-w // 4)                        # patch embedding: 4x4 stride 4, padded
+        total = h * w * self.embed_dim * 3 * 16
+        for i in range(4):
+            c, n, ws = self.stage_dim(i), h * w, self.window_sizes[i]
+            hidden = c * self.mlp_ratio
+            block = n * c * hidden * 2 + n * hidden * 9      # ConvFFN: fc1, fc2, depthwise 3x3
+            if ws:
+                block += self._hilo_macs(i, h, w)
+            total += self.depths[i] * block
+            if i < 3:                                        # DTM: 2x2 stride-2 deformable conv and its offsets
+                h, w = h // 2, w // 2
+                total += h * w * c * 4 * (2 * c + 8)
+        return total + (self.num_features * self.num_classes if self.num_classes else 0)
+
+    def _hilo_macs(self, i, h, w):
+        ws, c, hd = self.window_sizes[i], self.stage_dim(i), self.head_dim(i)
+        hp, wp = ws * -(-h // ws), ws * -(-w // ws)          # padded to whole windows
+        n, windows, kv = hp * wp, (hp // ws) * (wp // ws), (hp // ws) * (wp // ws)
+        hi, lo = self.hi_heads(i) * hd, self.lo_heads[i] * hd
+        hifi = n * c * 3 * hi + windows * (ws * ws) ** 2 * hi * 2 + n * hi * hi
+        lofi = n * c * lo + kv * c * 2 * lo + n * lo * kv * 2 + n * lo * lo
+        return hifi + lofi
+
     def miniature(self):
         """A config that runs the same kernels on the same kinds of arrays at a fraction of the cost (see
         common.warm_up): up to two blocks per stage (one block feeding another fuses differently from the

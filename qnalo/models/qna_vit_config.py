@@ -68,6 +68,30 @@ class QnAViTConfig(ConfigDict):
     def num_features(self):
         return self.stage_dim(3)
 
+    def macs(self, h, w):
+        """Multiply-accumulates of one (3, h, w) image: every Dense, convolution and attention product (the QnA
+        logits, the windowed sums of the numerator and denominator, the MSA products); normalisation,
+        activations and softmax are left out."""
+        h, w = -(-h // 4), -(-w // 4)                        # stem: 4x4 stride 4, SAME
+        total = h * w * self.embed_dim * 3 * 16
+        for i in range(4):
+            c, n = self.stage_dim(i), h * w
+            mlp = 8 * c * c
+            window = self.msa_windows[i] ** 2
+            total += self.msa_depths[i] * n * (4 * c * c + window * c * 2 + mlp)
+            total += self.qna_depths[i] * (self._qna_macs(i, n, n, c, self.qna_heads[i]) + n * mlp)
+            if i < 3:                                        # the stride-2 block: skip conv, QnA at 2C, MLP
+                h, w = -(-h // 2), -(-w // 2)
+                out = h * w
+                total += out * c * 2 * c + self._qna_macs(i, n, out, 2 * c, 2 * self.qna_heads[i]) + out * 32 * c * c
+        return total + (self.num_features * self.num_classes if self.num_classes else 0)
+
+    def _qna_macs(self, i, n_in, n_out, features, heads):
+        c, k2, nq = self.stage_dim(i), self.qna_kernel_sizes[i] ** 2, self.n_queries
+        keys_values_logits = n_in * c * features * 2 + n_in * nq * features
+        windows = n_out * k2 * nq * (features + heads)       # numerator and denominator
+        return keys_values_logits + windows + n_out * features * features
+
     def miniature(self):
         """A config that runs the same kernels on the same kinds of arrays at a fraction of the cost (see
         common.warm_up): up to two blocks of each kind per stage, the same heads, windows, queries, resolution
