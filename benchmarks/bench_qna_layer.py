@@ -42,6 +42,18 @@ elif ENGINE == "torch":
     def run(a):
         with torch.inference_mode():
             return layer(a)
+elif ENGINE == "window":   # non-overlapping K x K window attention (Swin style; map zero-padded to whole windows)
+    prepare = lambda a: torch.from_numpy(a.copy())  # noqa: E731
+    wq, wk, wv = (torch.randn(C, C) / C ** 0.5 for _ in range(3))
+    def run(a):
+        b, s1, s2, _ = a.shape
+        g1, g2 = -(-s1 // K), -(-s2 // K)
+        with torch.inference_mode():
+            t = torch.nn.functional.pad(a, (0, 0, 0, g2 * K - s2, 0, g1 * K - s1))
+            windows = lambda z: z.reshape(b, g1, K, g2, K, H, C // H).permute(0, 1, 3, 5, 2, 4, 6).reshape(  # noqa: E731
+                -1, H, K * K, C // H)                                                # (windows, H, K*K, d)
+            q, k, v = (windows(t @ m) for m in (wq, wk, wv))
+            return torch.softmax(q @ k.transpose(-2, -1) / (C // H) ** 0.5, -1) @ v
 else:   # SASA, the overlapping local self-attention QnA replaces
     prepare = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
     wq, wk, wv = (torch.randn(C, C) / C ** 0.5 for _ in range(3))

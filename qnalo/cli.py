@@ -266,7 +266,11 @@ def _run_info(args):
                           "params": params, "macs": macs, "img_size": cfg.img_size, "config": cfg.to_dict(),
                           "source": source}, indent=2))
         return 0
-    shown_source = {k: v for k, v in source.items() if k != "labels"}
+    first = ("file", "format", "variant", "sha256")
+    shown_source = {**{k: source[k] for k in first if k in source},
+                    **{k: v for k, v in source.items() if k not in first and k not in ("labels", "ignored_keys")}}
+    if "ignored_keys" in source:
+        shown_source["ignored_keys"] = f"{len(source['ignored_keys'])} (--json lists them)"
     rows = [("file", f"{args.file} (qnalo weights, format {FORMAT_VERSION})"),
             ("architecture", f"{architecture} ({source.get('variant') or 'custom configuration'})"),
             ("parameters", f"{params:,} in {len(tensors)} tensors"),
@@ -377,8 +381,13 @@ def _progress(total, unit, enabled, desc=None):
     """A tqdm bar on stderr (only where stderr is a terminal) when enabled, else a stand-in."""
     if not enabled:
         return _NoBar()
+    import shutil
+
     from tqdm import tqdm
-    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=None, leave=False)
+    # a terminal that reports no size (a bare pty: 0 x 0) makes tqdm hide the bar; shutil falls back to 80 x 24
+    size = shutil.get_terminal_size()
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=None, leave=False,
+                ncols=size.columns, nrows=size.lines)
 
 
 def _report(message, bar=None):

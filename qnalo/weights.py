@@ -55,9 +55,9 @@ def save_weights(path, tensors, architecture, config, source=None, force=False):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".qnalo-", suffix=".tmp", dir=folder)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; the result gets a plain new file's mode
     try:
         save_file(arrays, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 stays through save_file: give a plain new file's mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -202,3 +202,44 @@ def test_classify_a_photo_gives_the_official_pipelines_top5(tmp_path, family, ca
     assert [t["index"] for t in got] == want
     np.testing.assert_allclose([t["probability"] for t in got], probabilities, rtol=1e-4, atol=1e-7)
     assert "labels" not in read_weights(weights)[3] and got[0]["label"] == imagenet_labels()[want[0]]
+
+
+def test_a_progress_bar_on_a_terminal_for_several_images(tmp_path):
+    import pty
+    paths, _ = _digit_files(str(tmp_path), count=3)
+    leader, follower = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "qnalo.cli", "classify", "--model", "litv2_digits", *paths],
+                          stdout=subprocess.PIPE, stderr=follower, text=True, timeout=600)
+    os.close(follower)
+    terminal = os.read(leader, 1 << 16).decode(errors="replace")
+    os.close(leader)
+    assert proc.returncode == 0 and proc.stdout.count("digit") == 3
+    assert "3/3" in terminal and "image" in terminal   # tqdm's bar, on the terminal only
+
+
+@pytest.mark.torch
+def test_convert_records_labels_and_takes_the_head_width(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from reference.litv2_torch import LITv2, randomize_
+    ref = randomize_(LITv2(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), alpha=0.5,
+                           num_classes=3).eval())
+    torch.save(ref.state_dict(), tmp_path / "narrow.pth")
+    out = str(tmp_path / "narrow.safetensors")
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    assert cli.main(["convert", str(tmp_path / "narrow.pth"), out]) == 1          # heads of 16, not 32
+    assert "head dim 32" in capsys.readouterr().err and not os.path.exists(out)
+    assert cli.main(["convert", str(tmp_path / "narrow.pth"), out, "--head-dim", "16",
+                     "--labels", str(tmp_path / "labels.txt")]) == 1               # 2 names for 3 classes
+    assert "2 labels given for a head of 3 classes" in capsys.readouterr().err and not os.path.exists(out)
+    (tmp_path / "labels.txt").write_text("cat\ndog\n\nbird\n")
+    assert cli.main(["convert", str(tmp_path / "narrow.pth"), out, "--head-dim", "16",
+                     "--labels", str(tmp_path / "labels.txt")]) == 0
+    _, _, config, source = read_weights(out)
+    assert source["labels"] == ["cat", "dog", "bird"] and config["num_heads"] == [1, 2, 4, 8]
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~_umask()     # a plain new file's mode, not mkstemp's 0600
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
