@@ -12,7 +12,7 @@ import json
 import math
 import mmap
 import os
-import tempfile
+import secrets
 
 import numpy as np
 
@@ -23,19 +23,12 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 2**20   # safetensors' own limit is 100 MB; a LITv2-B header is ~60 kB
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_weights(path, tensors, architecture, config, source=None, force=False):
-    """Write `tensors` (name -> float32 array) atomically: a temp file in the same folder, then rename.
+    """Write `tensors` (name -> float32 array) atomically, as a safetensors file (written here, streamed).
 
-    An existing `path` is an error unless force=True; on any failure nothing is left at `path`.
-    """
-    from safetensors.numpy import save_file
-
+    The data goes to a file with no name (Linux O_TMPFILE; elsewhere a hidden temp file in the same folder),
+    which gets its name only once complete and flushed to disk: a write that fails or is killed leaves nothing
+    at `path`, and with O_TMPFILE nothing at all. An existing `path` is an error unless force=True."""
     path = os.fspath(path)
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
@@ -44,7 +37,7 @@ def save_weights(path, tensors, architecture, config, source=None, force=False):
         value = np.asarray(value)
         if value.dtype != np.float32:
             raise ValueError(f"tensor {name!r} is {value.dtype}, the qnalo format stores float32 only")
-        arrays[name] = np.ascontiguousarray(value)
+        arrays[name] = np.ascontiguousarray(value, dtype="<f4")
     metadata = {
         "qnalo.format": FORMAT_MAGIC,
         "qnalo.format_version": str(FORMAT_VERSION),
@@ -53,18 +46,57 @@ def save_weights(path, tensors, architecture, config, source=None, force=False):
         "qnalo.source": json.dumps(source or {}, sort_keys=True),
     }
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".qnalo-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    fd, named = _unnamed_file(folder)
     try:
-        save_file(arrays, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 stays through save_file: give a plain new file's mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            _write_safetensors(f, arrays, metadata)
+            f.flush()
+            os.fsync(fd)
+        if named is None:                       # O_TMPFILE: give it a hidden name, then the real one
+            named = _hidden_name(folder)
+            folder_fd = os.open(folder, os.O_RDONLY)
+            try:   # with a dir fd os.link calls linkat(..., AT_SYMLINK_FOLLOW); plain link() would not follow
+                os.link(f"/proc/self/fd/{fd}", os.path.basename(named), dst_dir_fd=folder_fd, follow_symlinks=True)
+            finally:
+                os.close(folder_fd)
+        os.replace(named, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if named is not None and os.path.exists(named):
+            os.unlink(named)
         raise
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors(f, arrays, metadata):
+    """The safetensors layout: 8-byte little-endian header length, the JSON header (padded with spaces to a
+    multiple of 8, as safetensors does), then each tensor's bytes, back to back in header order."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, array in arrays.items():
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for array in arrays.values():
+        f.write(memoryview(array.reshape(-1)).cast("B"))
+
+
+def _unnamed_file(folder):
+    """(fd, None) of an unnamed file in `folder`, or (fd, temp path) where the OS or file system has none."""
+    if hasattr(os, "O_TMPFILE") and os.path.exists("/proc/self/fd"):
+        try:
+            return os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o666), None   # the mode goes through the umask
+        except OSError:
+            pass
+    named = _hidden_name(folder)
+    fd = os.open(named, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    return fd, named
+
+
+def _hidden_name(folder):
+    return os.path.join(folder, f".qnalo-{os.getpid()}-{secrets.token_hex(6)}.tmp")
 
 
 def read_weights(path):

@@ -467,17 +467,19 @@ def test_missing_destination_folder(torch, tmp_path):
         convert(src, tmp_path / "no" / "such" / "out.safetensors")
 
 
-def test_failure_while_writing_leaves_nothing(torch, tmp_path, monkeypatch):
-    import safetensors.numpy
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "hidden-temp-file"])
+def test_failure_while_writing_leaves_nothing(torch, tmp_path, monkeypatch, unnamed):
+    from qnalo import weights
 
     src = _small_checkpoint(torch, tmp_path / "litv2.pth")
+    if not unnamed:   # as where the OS or file system has no O_TMPFILE
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
 
-    def failing_save_file(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
+    def failing_write(f, arrays, metadata):
+        f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
+    monkeypatch.setattr(weights, "_write_safetensors", failing_write)
     with pytest.raises(OSError, match="disk full"):
         convert(src, tmp_path / "out.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["litv2.pth"]

@@ -129,3 +129,15 @@ def test_release_pages_drops_the_mapping_but_keeps_the_data(tmp_path):
     np.testing.assert_array_equal(tensors["small"], np.ones(3))
     assert float(tensors["big"].sum(dtype=np.float64)) == checksum
     release_pages(big)                                        # not file-backed: a no-op
+
+
+def test_files_are_standard_safetensors(good_file):
+    """qnalo writes the safetensors layout itself (to stream into an unnamed file); the library reads it."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    loaded = load_file(good_file)
+    assert loaded.keys() == TENSORS.keys()
+    for name, value in TENSORS.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    with safe_open(good_file, "np") as f:
+        assert f.metadata()["qnalo.format"] == "qnalo-weights"
