@@ -64,7 +64,7 @@ def create_model(name, weights=None, backend="numba", device="cpu", **overrides)
     tensors, architecture, file_config, source = read_weights(weights)
     if architecture != model_cls.architecture:
         raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; load it by itself (qnalo.load(path), or without --model)")
-    file_config = config_cls.from_dict(file_config)
+    file_config = config_cls.from_file(weights, file_config)
     different = [f.name for f in dataclasses.fields(config_cls) if f.name in config_cls.ARCHITECTURE_FIELDS
                  and getattr(file_config, f.name) != getattr(config, f.name)]
     if different:
@@ -83,7 +83,7 @@ def load(path, backend="numba", device="cpu"):
         raise CheckpointError(f"{path}: unknown architecture {architecture!r}; this qnalo knows "
                               f"{sorted(ARCHITECTURES)}")
     model_cls, config_cls = ARCHITECTURES[architecture]
-    return _build(model_cls, config_cls.from_dict(config), tensors, backend, device, source)
+    return _build(model_cls, config_cls.from_file(path, config), tensors, backend, device, source)
 
 
 def _check_target(backend, device):

@@ -255,7 +255,7 @@ def _run_info(args):
     if architecture not in ARCHITECTURES:
         raise QnaloError(f"{args.file}: unknown architecture {architecture!r}")
     config_cls = ARCHITECTURES[architecture][1]
-    cfg = config_cls.from_dict(config)
+    cfg = config_cls.from_file(args.file, config)
     params = parameter_count(tensors)
     macs = cfg.macs(cfg.img_size, cfg.img_size)
     labels = source.get("labels")
@@ -325,7 +325,7 @@ def _run_bench(args):
         if architecture not in ARCHITECTURES:
             raise QnaloError(f"{args.weights}: unknown architecture {architecture!r}")
         model_cls, config_cls = ARCHITECTURES[architecture]
-        config = config_cls.from_dict(config)
+        config = config_cls.from_file(args.weights, config)
     else:
         model_cls, _, config = MODEL_REGISTRY[args.model]
     start = time.perf_counter()

@@ -13,6 +13,7 @@ Arrays of 2**30 bytes or more are split into {'__msgpack_chunked_array__': True,
 lacks) are widened exactly to float32. Decoding msgpack runs no code; element types are limited to plain
 numeric ones, and the converter checks every leaf against the tree it expects.
 """
+import math
 import os
 import re
 
@@ -106,7 +107,7 @@ def _decode_array(path, data, msgpack):
     if any(d < 0 for d in shape) or not isinstance(buffer, bytes):
         raise CheckpointError(f"{path}: a damaged array record (shape {list(shape)})")
     stored = np.dtype(np.uint16 if dtype_name == "bfloat16" else dtype_name)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)   # exact: a lying shape must not wrap around int64
     if len(buffer) != count * stored.itemsize:
         raise CheckpointError(f"{path}: an array of shape {list(shape)} {dtype_name} has {len(buffer)} bytes, "
                               f"not {count * stored.itemsize}; the file is damaged")

@@ -214,3 +214,12 @@ class ConfigDict:
         if unknown:
             raise ValueError(f"unknown {cls.NAME} config fields {sorted(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def from_file(cls, path, d):
+        """from_dict of the config a weights file carries: anything wrong with it is a CheckpointError."""
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: damaged {cls.NAME} config ({' '.join(str(exc).split())}); "
+                                  "re-convert the checkpoint") from None
