@@ -8,6 +8,7 @@ import ctypes
 import functools
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -17,11 +18,49 @@ import numba as nb
 # a NaN input propagates to the output instead of being silently turned into a number.
 FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
 
+
+
+def _writable(folder):
+    """Whether files can be created in `folder` (made if missing); tried for real, as root passes os.access."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def _user_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "qnalo", "kernels")
+
+
+def _choose_cache():
+    """(cache compiled kernels?, a notice for the first model or None). Numba keeps its cache next to the
+    sources; a read-only install falls back to the user's cache folder, and with none writable, to compiling
+    in every process. Never a shared temporary folder: machine code loaded from there could be anyone's."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return True, None                          # the user's choice, used as given
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    if _writable(here):
+        return True, None
+    fallback = _user_cache_dir()
+    if _writable(fallback):
+        nb.config.CACHE_DIR = fallback             # read when each kernel is declared, below and in the op modules
+        return True, (f"qnalo: the kernel cache beside the installed package ({here}) is not writable; "
+                      f"compiled kernels are cached in {fallback} instead")
+    return False, (f"qnalo: no writable folder for the kernel cache ({here}, {fallback}); kernels are compiled "
+                   "in every process (about 15 s each time); set NUMBA_CACHE_DIR to a writable folder")
+
+
+CACHE, CACHE_NOTICE = _choose_cache()
+
 # error_model="numpy": float division by zero gives inf/nan instead of a Python exception; the exception
 # check inside a loop stops LLVM from vectorising it (erf-GELU went 4x slower with it).
-# cache=True: compiled machine code is kept next to the source (or in NUMBA_CACHE_DIR), so only the
-# first run on a machine compiles. nogil=True: kernels run in parallel from several threads.
-kernel = functools.partial(nb.njit, cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
+# cache: compiled machine code is kept next to the source (see _choose_cache), so only the first run on a
+# machine compiles. nogil=True: kernels run in parallel from several threads.
+kernel = functools.partial(nb.njit, cache=CACHE, fastmath=FASTMATH, error_model="numpy", nogil=True)
 inline_kernel = functools.partial(kernel, inline="always")
 
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from qnalo.errors import InputError, QnaloError
 
@@ -34,12 +35,17 @@ def convert_main(argv=None, prog="python -m qnalo.weights_converter"):
 
 def _run(parser, argv):
     args = parser.parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
         return args.run(args)
     except _HANDLED_ERRORS as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
         print(f"qnalo: error: {message}", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"qnalo: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 _CONVERT_HELP = ("Convert an official checkpoint (.pth or .safetensors state dict, or a Flax checkpoint_<step> file or "

@@ -1,6 +1,8 @@
 """Pieces every engine model shares: linear layers on the backend's GEMM, LayerNorm parameters, the input
 checks of an NCHW float32 image batch, and the LayerNorm -> mean -> Linear classification head."""
 import dataclasses
+import os
+import warnings
 
 import numpy as np
 
@@ -34,7 +36,8 @@ class Norm:
 
 def check_image_batch(x, model_name, min_size, factor, xp=np):
     """The checks of a model input: a float32 NCHW array of the model's device (xp: numpy or cupy) (B, 3, H, W)
-    with H, W >= min_size (the model downsamples by `factor`). Returns it C-contiguous."""
+    with H, W >= min_size (the model downsamples by `factor`). Returns it as it is (Classifier._input makes it
+    C-contiguous once the memory check has passed)."""
     if not isinstance(x, xp.ndarray):
         where = "a numpy" if xp is np else f"a {xp.__name__} (or numpy)"
         hint = "; move it with cupy.asnumpy(x), or the model with model.to('cuda')" if xp is np and \
@@ -51,7 +54,7 @@ def check_image_batch(x, model_name, min_size, factor, xp=np):
     if min(x.shape[2:]) < min_size:
         raise InputError(f"image {x.shape[2]}x{x.shape[3]} is too small: {model_name} needs at least "
                          f"{min_size}x{min_size} pixels (it downsamples by {factor})")
-    return xp.ascontiguousarray(x)
+    return x
 
 
 class Classifier:
@@ -92,9 +95,32 @@ class Classifier:
     def _input(self, x):
         """(x on the model's device, checked, and a function that brings an output back to x's kind): NumPy
         input to a CUDA model is copied to the GPU and its outputs back; CuPy input keeps them there."""
+        to_caller = _same
         if self.device != "cpu" and isinstance(x, np.ndarray) and not isinstance(x, self._ops.xp.ndarray):
-            return self._check_input(self._ops.to_device(x)), self._ops.to_host
-        return self._check_input(x), _same
+            x, to_caller = self._ops.to_device(x), self._ops.to_host
+        x = self._check_input(x)
+        if self.device == "cpu":
+            self._check_memory(x.shape)   # before the contiguous copy, which may itself be too large
+        return self._ops.xp.ascontiguousarray(x), to_caller
+
+    # Peak working memory of a forward pass, per input pixel and per embed_dim channel: measured with
+    # tracemalloc (every buffer is a NumPy array) at 224-896 px; the subclasses set it. Batch 1 is the worst
+    # case per pixel (a batch of 4 at 224 needs 0.3-0.8x as much per image), so it bounds every batch.
+    ACTIVATION_BYTES_PER_PIXEL_CHANNEL = None
+
+    def forward_bytes(self, b, h, w):
+        """An upper estimate of the memory a forward pass of a (b, 3, h, w) batch needs beyond the weights."""
+        return int(1.1 * self.ACTIVATION_BYTES_PER_PIXEL_CHANNEL * self.config.embed_dim * b * h * w)
+
+    def _check_memory(self, shape):
+        """Refuses, with the estimate, a batch that could not fit in the memory left to this process, rather
+        than letting the OS kill it halfway."""
+        b, _, h, w = shape
+        need, free = self.forward_bytes(b, h, w), available_memory()
+        if free is not None and need > free:
+            raise InputError(f"a batch of {b} image(s) of {h}x{w} would need about {_gib(need)} for the forward "
+                             f"pass, and {_gib(free)} of memory is available; use a smaller batch or resolution "
+                             "(QNALO_MEMORY_LIMIT=BYTES sets the limit qnalo checks against)")
 
     def forward_head(self, tokens, b):
         """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
@@ -115,6 +141,32 @@ class Classifier:
         return to_caller(self.forward_head(tokens, x.shape[0]))
 
 
+def available_memory():
+    """Bytes this process may still allocate: QNALO_MEMORY_LIMIT if set, else the smaller of the system's
+    MemAvailable and what the cgroup (container) limit leaves; None where neither can be read."""
+    if os.environ.get("QNALO_MEMORY_LIMIT", "").isdigit():
+        return int(os.environ["QNALO_MEMORY_LIMIT"])
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            cap = f.read().strip()
+        if cap.isdigit():
+            with open("/sys/fs/cgroup/memory.current") as f:
+                limits.append(int(cap) - int(f.read()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def _gib(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def _read_only(array):
     """A read-only view: a weights file's tensors are read-only (mmap), and Numba compiles a kernel apart for
     read-only and writable arguments, so every model hands its kernels the same kind whatever its source."""
@@ -133,6 +185,9 @@ def warm_up(model_cls, cfg):
     if (model_cls, mini) in _WARMED:
         return
     _WARMED.add((model_cls, mini))      # first: the miniature's own construction comes back here
+    if _jit.CACHE_NOTICE and not _NOTICES:   # a read-only install: said once, when kernels are first loaded
+        _NOTICES.append(_jit.CACHE_NOTICE)
+        warnings.warn(_jit.CACHE_NOTICE, RuntimeWarning, stacklevel=4)
     model = model_cls(mini, model_cls.random_tensors(mini), backend="numba")
     side = model.warm_up_side()
     if side is None:                    # no input size runs this config: the real forward will say why
@@ -143,6 +198,9 @@ def warm_up(model_cls, cfg):
     model.forward_features(x)
     _jit.start_workers()
     _jit.release_compiler_pages()
+
+
+_NOTICES = []
 
 
 def _same(a):

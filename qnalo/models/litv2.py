@@ -215,6 +215,8 @@ class LITv2(Classifier):
     random_tensors = staticmethod(random_tensors)
 
     # -- input checks ---------------------------------------------------------------------------------------
+    ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 2.75   # LITv2-S and -B: 264 and 352 B per pixel at batch 1 (see Classifier.forward_bytes)
+
     def _check_input(self, x):
         return check_image_batch(x, "LITv2", self.min_size, 32, self._ops.xp)
 

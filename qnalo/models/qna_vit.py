@@ -234,6 +234,8 @@ class QnAViT(Classifier):
         n = self.config.img_size
         return next((m for d in range(n) for m in (n + d, n - d) if m >= 32 and self._side_fits(m)), None)
 
+    ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 2.4   # QnA-ViT-Tiny: 128 (448 px) to 152 (224 px) B per pixel (see Classifier.forward_bytes)
+
     def _check_input(self, x):
         x = check_image_batch(x, "QnA-ViT", 1, 32, self._ops.xp)
         cfg = self.config
