@@ -1,6 +1,7 @@
 """Helpers the end-to-end model tests share: random images, running a PyTorch reference, the bad inputs every
 model must refuse with a clear InputError, and the non-contiguous-input check."""
 import numpy as np
+import pytest
 
 from tolerances import assert_logits_close
 
@@ -22,6 +23,15 @@ def photo(seed, h, w):
     coarse = rng.integers(0, 256, (max(2, h // 40), max(2, w // 40), 3)).astype(np.uint8)
     img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), np.int16)
     return np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+
+
+def real_photo(name="china.jpg"):
+    """A real photograph that ships offline: scikit-learn's sample images (china.jpg, flower.jpg; 427x640)."""
+    import os
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    path = os.path.join(os.path.dirname(sklearn_datasets.__file__), "images", name)
+    assert os.path.exists(path), path
+    return path
 
 
 def image(seed, b, h, w):

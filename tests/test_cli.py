@@ -13,7 +13,7 @@ from qnalo.classify import expand_paths, softmax, top_k
 from qnalo.labels import imagenet_labels
 from qnalo.models.litv2_config import LITv2Config
 from qnalo.weights import read_weights
-from model_helpers import photo
+from model_helpers import real_photo
 
 
 def _qnalo(*args, **kwargs):
@@ -162,7 +162,7 @@ def test_top_k_and_softmax():
     assert [t["label"] for t in ranked[0]] == ["a", "b", "c"] and [t["label"] for t in ranked[1]] == ["c", "b", "a"]
 
 
-# ---- a real photo, converted official-layout weights: the same top-5 as the official pipeline in PyTorch ----
+# ---- real photos, converted official-layout weights: the same top-5 as the official pipeline in PyTorch ----
 
 def _top5_torch(ref, x):
     import torch
@@ -173,8 +173,9 @@ def _top5_torch(ref, x):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("photo_name", ["china.jpg", "flower.jpg"])
 @pytest.mark.parametrize("family", ["litv2", "qna_vit"])
-def test_classify_a_photo_gives_the_official_pipelines_top5(tmp_path, family, capsys):
+def test_classify_a_photo_gives_the_official_pipelines_top5(tmp_path, family, photo_name, capsys):
     torch = pytest.importorskip("torch")
     from PIL import Image
     from reference import preprocess_torch
@@ -188,9 +189,7 @@ def test_classify_a_photo_gives_the_official_pipelines_top5(tmp_path, family, ca
     torch.save({"model": ref.state_dict()}, tmp_path / "official.pth")
     weights = str(tmp_path / "converted.safetensors")
     assert cli.main(["convert", str(tmp_path / "official.pth"), weights]) == 0
-    pixels = photo(7, 375, 500)
-    jpeg = str(tmp_path / "photo.jpg")
-    Image.fromarray(pixels).save(jpeg, quality=90)
+    jpeg = real_photo(photo_name)
     capsys.readouterr()
     assert cli.main(["classify", jpeg, "--weights", weights, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["results"][0]["top"]

@@ -4,18 +4,19 @@ Every ```console block is a shell session: lines starting with "$ " are commands
 output (stdout), matched line by line; "..." inside a line matches any text, and a line that is only "..."
 matches any number of lines. Every ```python block is executed. All blocks run in document order, in one
 folder holding what the examples name: litv2_s.pth (an official-layout LITv2-S checkpoint with seeded random
-weights), photo.jpg and digit.png, with QNALO_WEIGHTS pointing at that folder. ```bash blocks (the set-up
+weights), photo.jpg (scikit-learn's china.jpg, a real photograph) and digit.png, with QNALO_WEIGHTS pointing at that folder. ```bash blocks (the set-up
 commands, which CI runs itself, and benchmark runs) and ```python-gpu blocks (no GPU here) are not run."""
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from qnalo import demo
-from model_helpers import photo
+from model_helpers import real_photo
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 DIGIT_INDEX = 5   # a held-out digit the README's example classifies
@@ -51,11 +52,10 @@ def output_pattern(lines):
 @pytest.fixture(scope="module")
 def example_folder(tmp_path_factory):
     torch = pytest.importorskip("torch")
-    from PIL import Image
     from reference.litv2_torch import litv2_reference, randomize_
     folder = tmp_path_factory.mktemp("readme")
     torch.save({"model": randomize_(litv2_reference("litv2_s"), seed=0).state_dict()}, folder / "litv2_s.pth")
-    Image.fromarray(photo(7, 375, 500)).save(folder / "photo.jpg", quality=90)
+    shutil.copyfile(real_photo("china.jpg"), folder / "photo.jpg")
     demo.digit_picture(demo.heldout()["images"][DIGIT_INDEX]).resize((64, 64)).save(folder / "digit.png")
     return folder
 
