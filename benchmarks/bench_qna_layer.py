@@ -50,8 +50,8 @@ elif ENGINE == "window":   # non-overlapping K x K window attention (Swin style;
         g1, g2 = -(-s1 // K), -(-s2 // K)
         with torch.inference_mode():
             t = torch.nn.functional.pad(a, (0, 0, 0, g2 * K - s2, 0, g1 * K - s1))
-            windows = lambda z: z.reshape(b, g1, K, g2, K, H, C // H).permute(0, 1, 3, 5, 2, 4, 6).reshape(  # noqa: E731
-                -1, H, K * K, C // H)                                                # (windows, H, K*K, d)
+            windows = lambda z: z.reshape(  # noqa: E731   (windows, H, K*K, d)
+                b, g1, K, g2, K, H, C // H).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, H, K * K, C // H)
             q, k, v = (windows(t @ m) for m in (wq, wk, wv))
             return torch.softmax(q @ k.transpose(-2, -1) / (C // H) ** 0.5, -1) @ v
 else:   # SASA, the overlapping local self-attention QnA replaces

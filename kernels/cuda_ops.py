@@ -4,8 +4,10 @@ in-place conventions as the Numba ops (qnalo/models/ops.py); the NumPy reference
 GPU tests compare against.
 
 CuPy is optional: importing this module does not import it; the first op called without it is a RuntimeError
-saying how to install it. Wrappers check dtype (float32), contiguity and shapes, and pass scalars as
-np.int32 / np.float32 / np.int64 explicitly."""
+saying how to install it. Wrappers check dtype, contiguity and shapes, and pass scalars as np.int32 /
+np.float32 / np.int64 explicitly. Arrays are float32, or all float16 in one call (a model's dtype="float16"):
+each source is then compiled a second time with -DQNALO_HALF, which stores in half precision and computes in
+float32 (kernels/cuda/common.cuh)."""
 import functools
 import os
 
@@ -28,26 +30,39 @@ def cupy():
     return cp
 
 
+DTYPES = (np.dtype(np.float32), np.dtype(np.float16))   # storage types; arithmetic is float32 in both
+
+
 @functools.lru_cache(maxsize=None)
-def _module(name, device_id):
-    """kernels/cuda/<name>.cu as a RawModule for one device (compiled at its first get_function)."""
+def _module(name, device_id, half):
+    """kernels/cuda/<name>.cu as a RawModule for one device and storage type (compiled at its first
+    get_function)."""
     cp = cupy()
     with open(os.path.join(SOURCE_DIR, name + ".cu")) as f:
         code = f.read()
+    options = ("-I" + SOURCE_DIR, "--std=c++14") + (("-DQNALO_HALF",) if half else ())
     with cp.cuda.Device(device_id):
-        return cp.RawModule(code=code, options=("-I" + SOURCE_DIR, "--std=c++14"))
+        return cp.RawModule(code=code, options=options)
 
 
-def _kernel(source, function):
-    return _module(source, cupy().cuda.Device().id).get_function(function)
+def _kernel(source, function, dtype):
+    return _module(source, cupy().cuda.Device().id, np.dtype(dtype) == np.float16).get_function(function)
 
 
-def _check(name, arr, ndim):
+def _dtype(name, arr):
+    """The storage type of a call, from its first array."""
+    dtype = getattr(arr, "dtype", None)
+    if dtype not in DTYPES:
+        raise TypeError(f"{name}: expected float32 or float16, got {dtype}")
+    return dtype
+
+
+def _check(name, arr, ndim, dtype):
     cp = cupy()
     if not isinstance(arr, cp.ndarray):
         raise TypeError(f"{name}: expected a CuPy array on the GPU, got {type(arr).__name__}")
-    if arr.dtype != np.float32:
-        raise TypeError(f"{name}: expected float32, got {arr.dtype}")
+    if arr.dtype != dtype:
+        raise TypeError(f"{name}: expected {np.dtype(dtype)} (like the call's other arrays), got {arr.dtype}")
     if arr.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {arr.shape}")
     if not arr.flags.c_contiguous:
@@ -66,39 +81,44 @@ def _grid(n):
 
 def layernorm(x, weight, bias, eps, out):
     """out = LayerNorm(x) * weight + bias over the last axis; x, out (N, C)."""
-    rows, cols = _check("x", x, 2).shape
+    dt = _dtype("x", x)
+    rows, cols = _check("x", x, 2, dt).shape
     for name, vec in (("weight", weight), ("bias", bias)):
         _same(name, _check(name, vec, 1), (cols,))
-    _same("out", _check("out", out, 2), x.shape)
-    _kernel("layernorm", "layernorm_rows")((max(rows, 1),), (BLOCK,),
+    _same("out", _check("out", out, 2, dt), x.shape)
+    _kernel("layernorm", "layernorm_rows", dt)((max(rows, 1),), (BLOCK,),
                                            (x, weight, bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
     return out
 
 
 def residual_add(x, y, bias):
     """x <- x + y + bias in place; x, y (N, C), bias (C,)."""
-    _same("y", _check("y", y, 2), _check("x", x, 2).shape)
-    _same("bias", _check("bias", bias, 1), (x.shape[1],))
-    _kernel("layernorm", "residual_add")(_grid(x.size), (BLOCK,), (x, y, bias, np.int64(x.size), np.int32(x.shape[1])))
+    dt = _dtype("x", x)
+    _same("y", _check("y", y, 2, dt), _check("x", x, 2, dt).shape)
+    _same("bias", _check("bias", bias, 1, dt), (x.shape[1],))
+    _kernel("layernorm", "residual_add", dt)(_grid(x.size), (BLOCK,),
+                                             (x, y, bias, np.int64(x.size), np.int32(x.shape[1])))
     return x
 
 
 def residual_add_layernorm(x, y, bias, weight, ln_bias, eps, out):
     """x <- x + y + bias in place, then out = LayerNorm(x)."""
-    rows, cols = _check("x", x, 2).shape
-    _same("y", _check("y", y, 2), x.shape)
-    _same("out", _check("out", out, 2), x.shape)
+    dt = _dtype("x", x)
+    rows, cols = _check("x", x, 2, dt).shape
+    _same("y", _check("y", y, 2, dt), x.shape)
+    _same("out", _check("out", out, 2, dt), x.shape)
     for name, vec in (("bias", bias), ("weight", weight), ("ln_bias", ln_bias)):
         _same(name, _check(name, vec, 1), (cols,))
-    _kernel("layernorm", "residual_add_layernorm_rows")(
+    _kernel("layernorm", "residual_add_layernorm_rows", dt)(
         (max(rows, 1),), (BLOCK,), (x, y, bias, weight, ln_bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
     return out
 
 
 def _bias_act(function, y, bias):
-    _check("y", y, 2)
-    _same("bias", _check("bias", bias, 1), (y.shape[1],))
-    _kernel("bias_act", function)(_grid(y.size), (BLOCK,), (y, bias, np.int64(y.size), np.int32(y.shape[1])))
+    dt = _dtype("y", y)
+    _check("y", y, 2, dt)
+    _same("bias", _check("bias", bias, 1, dt), (y.shape[1],))
+    _kernel("bias_act", function, dt)(_grid(y.size), (BLOCK,), (y, bias, np.int64(y.size), np.int32(y.shape[1])))
     return y
 
 
@@ -114,12 +134,13 @@ def bias_gelu_tanh(y, bias):
 
 def dwconv3x3_gelu(h, pre_bias, weight, bias):
     """h (B, H, W, C) without fc1's bias; pre_bias (C,); weight (3, 3, C); bias (C,) -> (B, H, W, C)."""
-    b, height, width, c = _check("h", h, 4).shape
-    _same("weight", _check("weight", weight, 3), (3, 3, c))
+    dt = _dtype("h", h)
+    b, height, width, c = _check("h", h, 4, dt).shape
+    _same("weight", _check("weight", weight, 3, dt), (3, 3, c))
     for name, vec in (("pre_bias", pre_bias), ("bias", bias)):
         _same(name, _check(name, vec, 1), (c,))
     out = cupy().empty_like(h)
-    _kernel("dwconv_gelu", "dwconv3x3_gelu")(_grid(h.size), (BLOCK,), (h, pre_bias, weight, bias, out, np.int32(b),
+    _kernel("dwconv_gelu", "dwconv3x3_gelu", dt)(_grid(h.size), (BLOCK,), (h, pre_bias, weight, bias, out, np.int32(b),
                                                                       np.int32(height), np.int32(width), np.int32(c)))
     return out
 
@@ -127,11 +148,13 @@ def dwconv3x3_gelu(h, pre_bias, weight, bias):
 def qna_windows(lv, rpe, attn_scale, heads, stride, out):
     """As kernels/qna.py qna_windows_ref: lv (B, H, W, nq*h + F), rpe and attn_scale (k*k, nq*h); writes
     out (B, Ho, Wo, F)."""
+    dt = _dtype("lv", lv)
     from .qna import _layout, qna_output_size
-    b, h, w, n_cols = _check("lv", lv, 4).shape
-    ksize, nq, f = _layout(n_cols, _check("rpe", rpe, 2), _check("attn_scale", attn_scale, 2), heads, stride)
-    _same("out", _check("out", out, 4), (b, qna_output_size(h, ksize, stride), qna_output_size(w, ksize, stride), f))
-    _kernel("qna", "qna_windows")(_grid(out.size), (BLOCK,), (
+    b, h, w, n_cols = _check("lv", lv, 4, dt).shape
+    ksize, nq, f = _layout(n_cols, _check("rpe", rpe, 2, dt), _check("attn_scale", attn_scale, 2, dt), heads, stride)
+    _same("out", _check("out", out, 4, dt),
+          (b, qna_output_size(h, ksize, stride), qna_output_size(w, ksize, stride), f))
+    _kernel("qna", "qna_windows", dt)(_grid(out.size), (BLOCK,), (
         lv, rpe, attn_scale, out, np.int32(b), np.int32(h), np.int32(w), np.int32(heads), np.int32(nq),
         np.int32(ksize), np.int32(stride), np.int32(out.shape[1]), np.int32(out.shape[2]), np.int32(f)))
     return out
@@ -146,11 +169,12 @@ def _head_dim(head_dim):
 def window_msa(qkv, rel_bias, window, heads, out):
     """As kernels/window_msa.py window_msa_ref: qkv (B, H, W, 3C), rel_bias (heads, w*w, w*w); writes out
     (B, H, W, C)."""
+    dt = _dtype("qkv", qkv)
     from .window_msa import _check as check_layout
-    b, h, w, n_cols = _check("qkv", qkv, 4).shape
-    d = _head_dim(check_layout(qkv, _check("rel_bias", rel_bias, 3), window, heads))
-    _same("out", _check("out", out, 4), (b, h, w, heads * d))
-    _kernel("window_msa", "window_msa")(_grid(b * h * w * heads), (BLOCK,), (
+    b, h, w, n_cols = _check("qkv", qkv, 4, dt).shape
+    d = _head_dim(check_layout(qkv, _check("rel_bias", rel_bias, 3, dt), window, heads))
+    _same("out", _check("out", out, 4, dt), (b, h, w, heads * d))
+    _kernel("window_msa", "window_msa", dt)(_grid(b * h * w * heads), (BLOCK,), (
         qkv, rel_bias, out, np.int32(b), np.int32(h), np.int32(w), np.int32(heads), np.int32(d), np.int32(window),
         np.float32(1.0 / np.sqrt(d))))
     return out
@@ -158,23 +182,25 @@ def window_msa(qkv, rel_bias, window, heads, out):
 
 def window_avgpool(x, ws):
     """x (B, H, W, C) -> (B, ceil(H/ws), ceil(W/ws), C): mean over ws x ws blocks of the zero-padded map."""
-    b, h, w, c = _check("x", x, 4).shape
+    dt = _dtype("x", x)
+    b, h, w, c = _check("x", x, 4, dt).shape
     gh, gw = -(-h // ws), -(-w // ws)
-    pooled = cupy().empty((b, gh, gw, c), np.float32)
-    _kernel("hilo", "window_avgpool")(_grid(pooled.size), (BLOCK,), (x, pooled, np.int32(b), np.int32(h), np.int32(w),
-                                                                     np.int32(c), np.int32(ws)))
+    pooled = cupy().empty((b, gh, gw, c), dt)
+    _kernel("hilo", "window_avgpool", dt)(_grid(pooled.size), (BLOCK,), (
+        x, pooled, np.int32(b), np.int32(h), np.int32(w), np.int32(c), np.int32(ws)))
     return pooled
 
 
 def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
     """As kernels/hilo.py hifi_attention_ref; writes out[..., :heads*head_dim]."""
-    b, h, w, qkv_cols = _check("qkv", qkv, 4).shape
+    dt = _dtype("qkv", qkv)
+    b, h, w, qkv_cols = _check("qkv", qkv, 4, dt).shape
     dim = heads * _head_dim(head_dim)
-    if qkv_cols < 3 * dim or _check("qkv_bias", qkv_bias, 1).shape[0] < 3 * dim:
+    if qkv_cols < 3 * dim or _check("qkv_bias", qkv_bias, 1, dt).shape[0] < 3 * dim:
         raise ValueError(f"qkv {qkv.shape} / qkv_bias {qkv_bias.shape}: need at least {3 * dim} columns")
-    if _check("out", out, 4).shape[:3] != (b, h, w) or out.shape[3] < dim:
+    if _check("out", out, 4, dt).shape[:3] != (b, h, w) or out.shape[3] < dim:
         raise ValueError(f"out {out.shape}: need (B, H, W) = {(b, h, w)} and at least {dim} columns")
-    _kernel("hilo", "hifi_attention")(_grid(b * h * w * heads), (BLOCK,), (
+    _kernel("hilo", "hifi_attention", dt)(_grid(b * h * w * heads), (BLOCK,), (
         qkv, qkv_bias, out, np.int32(b), np.int32(h), np.int32(w), np.int32(qkv_cols), np.int32(out.shape[3]),
         np.int32(heads), np.int32(head_dim), np.int32(ws), np.float32(scale)))
     return out
@@ -182,17 +208,18 @@ def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
 
 def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
     """As kernels/hilo.py lofi_attention_ref; writes out[..., out_col:out_col + heads*head_dim]."""
-    b, h, w, qkv_cols = _check("qkv", qkv, 4).shape
+    dt = _dtype("qkv", qkv)
+    b, h, w, qkv_cols = _check("qkv", qkv, 4, dt).shape
     dim = heads * _head_dim(head_dim)
-    _, keys, kv_cols = _check("kv", kv, 3).shape
+    _, keys, kv_cols = _check("kv", kv, 3, dt).shape
     if kv.shape[0] != b or kv_cols != 2 * dim or q_col + dim > qkv_cols:
         raise ValueError(f"qkv {qkv.shape} (queries at column {q_col}), kv {kv.shape}: do not fit {heads} x "
                          f"{head_dim}")
-    _same("q_bias", _check("q_bias", q_bias, 1), (dim,))
-    _same("kv_bias", _check("kv_bias", kv_bias, 1), (2 * dim,))
-    if _check("out", out, 4).shape[:3] != (b, h, w) or out_col + dim > out.shape[3]:
+    _same("q_bias", _check("q_bias", q_bias, 1, dt), (dim,))
+    _same("kv_bias", _check("kv_bias", kv_bias, 1, dt), (2 * dim,))
+    if _check("out", out, 4, dt).shape[:3] != (b, h, w) or out_col + dim > out.shape[3]:
         raise ValueError(f"out {out.shape}: need (B, H, W) = {(b, h, w)} and columns up to {out_col + dim}")
-    _kernel("hilo", "lofi_attention")(_grid(b * h * w * heads), (BLOCK,), (
+    _kernel("hilo", "lofi_attention", dt)(_grid(b * h * w * heads), (BLOCK,), (
         qkv, q_bias, kv, kv_bias, out, np.int32(b), np.int32(h * w), np.int32(qkv_cols), np.int32(q_col),
         np.int32(keys), np.int32(out.shape[3]), np.int32(out_col), np.int32(heads), np.int32(head_dim),
         np.float32(scale)))
@@ -201,11 +228,12 @@ def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out,
 
 def deform_sample(x, offsets):
     """x (B, H, W, C); offsets (B, Ho, Wo, 8) -> cols (B, Ho, Wo, 4, C), as kernels/deform_conv.py."""
-    b, h, w, c = _check("x", x, 4).shape
-    _, ho, wo, eight = _check("offsets", offsets, 4).shape
+    dt = _dtype("x", x)
+    b, h, w, c = _check("x", x, 4, dt).shape
+    _, ho, wo, eight = _check("offsets", offsets, 4, dt).shape
     if offsets.shape[0] != b or eight != 8:
         raise ValueError(f"offsets {offsets.shape}: expected ({b}, Ho, Wo, 8)")
-    cols = cupy().empty((b, ho, wo, 4, c), np.float32)
-    _kernel("deform_conv", "deform_sample")(_grid(cols.size), (BLOCK,), (
+    cols = cupy().empty((b, ho, wo, 4, c), dt)
+    _kernel("deform_conv", "deform_sample", dt)(_grid(cols.size), (BLOCK,), (
         x, offsets, cols, np.int32(b), np.int32(h), np.int32(w), np.int32(c), np.int32(ho), np.int32(wo)))
     return cols

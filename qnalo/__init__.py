@@ -13,7 +13,7 @@ import warnings
 
 from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError
 from .models import ARCHITECTURES, MODEL_REGISTRY
-from .models.ops import device_ops, get_ops
+from .models.ops import check_dtype, device_ops, get_ops
 from .weights import read_weights
 
 __version__ = "0.1.0"
@@ -37,12 +37,13 @@ def set_num_threads(n):
         raise InputError(str(exc)) from None
 
 
-def create_model(name, weights=None, backend="numba", device="cpu", **overrides):
+def create_model(name, weights=None, backend="numba", device="cpu", dtype="float32", **overrides):
     """Build a registered variant. `weights`: a qnalo weights file (from `qnalo convert`); without it the
     model gets random weights and a warning, and `overrides` may replace config fields (e.g. num_classes=10);
     a weights file carries its own config, which must be this variant's architecture.
     backend: "numba" (fast kernels) or "numpy" (the plain reference ops), the CPU's op set.
-    device: "cpu", or "cuda" (CuPy and an NVIDIA GPU; see model.to)."""
+    device: "cpu", or "cuda" (CuPy and an NVIDIA GPU; see model.to); dtype: "float32", or "float16" on CUDA
+    (half-precision storage, float32 arithmetic)."""
     if name not in MODEL_REGISTRY:
         raise InputError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     model_cls, config_cls, config = MODEL_REGISTRY[name]
@@ -53,17 +54,18 @@ def create_model(name, weights=None, backend="numba", device="cpu", **overrides)
         config = config.replace(**overrides)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid config overrides for {name}: {exc}") from None
-    _check_target(backend, device)   # before any weights are made or read
+    _check_target(backend, device, dtype)   # before any weights are made or read
     if weights is None:
         warnings.warn(f"qnalo: {name} created with random weights; pass weights= a converted file "
                       "(see `qnalo convert`) for real predictions", stacklevel=2)
-        return _build(model_cls, config, model_cls.random_tensors(config), backend, device, {"variant": name})
+        return _build(model_cls, config, model_cls.random_tensors(config), backend, device, dtype, {"variant": name})
     if overrides:
         raise InputError(f"config overrides ({', '.join(sorted(overrides))}) apply to random weights only; "
                          "a weights file carries its own config")
     tensors, architecture, file_config, source = read_weights(weights)
     if architecture != model_cls.architecture:
-        raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; load it by itself (qnalo.load(path), or without --model)")
+        raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; load it by itself "
+                              "(qnalo.load(path), or without --model)")
     file_config = config_cls.from_file(weights, file_config)
     different = [f.name for f in dataclasses.fields(config_cls) if f.name in config_cls.ARCHITECTURE_FIELDS
                  and getattr(file_config, f.name) != getattr(config, f.name)]
@@ -72,32 +74,34 @@ def create_model(name, weights=None, backend="numba", device="cpu", **overrides)
         raise CheckpointError(f"{weights}: holds {held} weights, not {name} (differs in {', '.join(different)}); "
                               "load it by itself (qnalo.load(path), or without --model)")
     # the file's own config wins for what the variant leaves open: classes, dense norms, resolution
-    return _build(model_cls, file_config, tensors, backend, device, source)
+    return _build(model_cls, file_config, tensors, backend, device, dtype, source)
 
 
-def load(path, backend="numba", device="cpu"):
-    """The model described by a qnalo weights file alone (its config travels in the file's metadata)."""
-    _check_target(backend, device)
+def load(path, backend="numba", device="cpu", dtype="float32"):
+    """The model described by a qnalo weights file alone (its config travels in the file's metadata); backend,
+    device and dtype as in create_model."""
+    _check_target(backend, device, dtype)
     tensors, architecture, config, source = read_weights(path)
     if architecture not in ARCHITECTURES:
         raise CheckpointError(f"{path}: unknown architecture {architecture!r}; this qnalo knows "
                               f"{sorted(ARCHITECTURES)}")
     model_cls, config_cls = ARCHITECTURES[architecture]
-    return _build(model_cls, config_cls.from_file(path, config), tensors, backend, device, source)
+    return _build(model_cls, config_cls.from_file(path, config), tensors, backend, device, dtype, source)
 
 
-def _check_target(backend, device):
+def _check_target(backend, device, dtype):
     get_ops(backend)
+    check_dtype(device, dtype)
     if device != "cpu":
-        device_ops(device)   # no CuPy, no GPU, an unknown device: an InputError that says so
+        device_ops(device, dtype)   # no CuPy, no GPU, an unknown device: an InputError that says so
 
 
-def _build(model_cls, config, tensors, backend, device, source):
+def _build(model_cls, config, tensors, backend, device, dtype, source):
     if device == "cpu":
         return model_cls(config, tensors, backend=backend, source=source)
     # built on the plain reference ops (no CPU packing or kernel warm-up), then moved; `backend` is what
     # model.to("cpu") will use
     model = model_cls(config, tensors, backend="numpy", source=source)
-    model.to(device)
+    model.to(device, dtype)
     model.backend = backend
     return model

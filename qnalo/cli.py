@@ -265,8 +265,8 @@ def _run_info(args):
     params = parameter_count(tensors)
     macs = cfg.macs(cfg.img_size, cfg.img_size)
     labels = source.get("labels")
-    classes = (f"{cfg.num_classes} ({'names recorded in the file' if labels else 'ImageNet-1k names' if cfg.num_classes == 1000 else 'numbered'})"
-               if cfg.num_classes else "none (backbone: forward_features only)")
+    names = "names recorded in the file" if labels else "ImageNet-1k names" if cfg.num_classes == 1000 else "numbered"
+    classes = f"{cfg.num_classes} ({names})" if cfg.num_classes else "none (backbone: forward_features only)"
     if args.json:
         print(json.dumps({"file": args.file, "format_version": FORMAT_VERSION, "architecture": architecture,
                           "params": params, "macs": macs, "img_size": cfg.img_size, "config": cfg.to_dict(),

@@ -22,13 +22,28 @@ def test_every_cuda_source_is_loaded_by_the_ops():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("storage", ["float32", "float16"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", SOURCES, ids=[os.path.basename(p) for p in SOURCES])
-def test_cuda_source_compiles(source, arch, tmp_path):
-    # -Werror all-warnings: an unused variable or a narrowing conversion fails here, not on a user's GPU
+def test_cuda_source_compiles(source, arch, storage, tmp_path):
+    # -Werror all-warnings: an unused variable or a narrowing conversion fails here, not on a user's GPU; store_t
+    # is a struct in both builds, so an array access that skips ld()/st() is a compile error too
+    half = ["-DQNALO_HALF"] if storage == "float16" else []
     out = subprocess.run(["nvcc", "--ptx", f"-arch={arch}", "-I", cuda_ops.SOURCE_DIR, "-Werror", "all-warnings",
-                          "-o", str(tmp_path / "out.ptx"), source], capture_output=True, text=True, timeout=300)
+                          *half, "-o", str(tmp_path / "out.ptx"), source], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_forgotten_conversion_does_not_compile(tmp_path):
+    """The guard the compile test relies on: reading a store_t array as a number is an error in both builds."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    bad = tmp_path / "bad.cu"
+    bad.write_text('#include "common.cuh"\nextern "C" __global__ void k(const store_t* x, float* y) { y[0] = x[0]; }\n')
+    for half in ([], ["-DQNALO_HALF"]):
+        out = subprocess.run(["nvcc", "--ptx", "-arch=sm_80", "-I", cuda_ops.SOURCE_DIR, *half, "-o",
+                              str(tmp_path / "bad.ptx"), str(bad)], capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and "store_t" in out.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
@@ -198,3 +213,76 @@ def test_deform_sample_matches_numpy(seed, b, h, w, c, offset_std):
     offsets = _rand(rng, b, h // 2, w // 2, 8, scale=offset_std)     # large enough to cross the border
     got = cuda_ops.deform_sample(_cp(x), _cp(offsets))
     assert_close(_np(got), deform_conv.deform_sample_ref(x, offsets), "deform_conv")
+
+
+# -- float16 storage (dtype="float16"): every op against the float32 reference on the same rounded inputs --------
+
+def _half(rng, *shape, scale=1.0):
+    """Random values exactly representable in float16, as float32 (the reference's input)."""
+    return _rand(rng, *shape, scale=scale).astype(np.float16).astype(np.float32)
+
+
+def _h(a):
+    import cupy
+    return cupy.asarray(np.asarray(a, np.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@settings(deadline=None, max_examples=15)
+@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 2), h=st.integers(2, 12), w=st.integers(2, 12))
+@example(seed=0, b=1, h=14, w=14)
+def test_float16_storage_matches_numpy(seed, b, h, w):
+    import cupy
+    rng = np.random.default_rng(seed)
+    c, heads, hd, ws = 24, 2, 12, 2
+    rows = b * h * w
+
+    def check(got, want, what):
+        assert got.dtype == cupy.float16, what
+        assert_close(_np(got).astype(np.float32), want, "any", "float16", what=what)
+
+    x, y, wgt, bias, add = _half(rng, rows, c, scale=3), _half(rng, rows, c), _half(rng, c), _half(rng, c), \
+        _half(rng, c)
+    check(cuda_ops.layernorm(_h(x), _h(wgt), _h(bias), 1e-6, _h(np.empty_like(x))),
+          layernorm.layernorm_ref(x, wgt, bias, 1e-6), "layernorm")
+    check(cuda_ops.residual_add(_h(x), _h(y), _h(add)), layernorm.residual_add_ref(x.copy(), y, add), "residual_add")
+    check(cuda_ops.bias_gelu(_h(y), _h(bias)), gelu.bias_gelu_ref(y.copy(), bias), "bias_gelu")
+    check(cuda_ops.bias_gelu_tanh(_h(y), _h(bias)), gelu_tanh.bias_gelu_tanh_ref(y.copy(), bias), "bias_gelu_tanh")
+    maps, pre, conv = _half(rng, b, h, w, c), _half(rng, c), _half(rng, 3, 3, c, scale=0.3)
+    check(cuda_ops.dwconv3x3_gelu(_h(maps), _h(pre), _h(conv), _h(bias)),
+          dwconv_gelu.dwconv3x3_gelu_ref(maps, pre, conv, bias), "dwconv3x3_gelu")
+    check(cuda_ops.window_avgpool(_h(maps), ws), hilo.window_avgpool_ref(maps, ws), "window_avgpool")
+    dim = heads * hd
+    qkv, qkv_bias = _half(rng, b, h, w, 4 * dim), _half(rng, 3 * dim)
+    out = np.zeros((b, h, w, 2 * dim), np.float32)
+    check(cuda_ops.hifi_attention(_h(qkv), _h(qkv_bias), ws, heads, hd, hd ** -0.5, _h(out)),
+          hilo.hifi_attention_ref(qkv, qkv_bias, ws, heads, hd, hd ** -0.5, out.copy()), "hifi_attention")
+    keys = -(-h // ws) * -(-w // ws)
+    kv, q_bias, kv_bias = _half(rng, b, keys, 2 * dim), _half(rng, dim), _half(rng, 2 * dim)
+    check(cuda_ops.lofi_attention(_h(qkv), 3 * dim, _h(q_bias), _h(kv), _h(kv_bias), heads, hd, hd ** -0.5, _h(out),
+                                  dim),
+          hilo.lofi_attention_ref(qkv, 3 * dim, q_bias, kv, kv_bias, heads, hd, hd ** -0.5, out.copy(), dim),
+          "lofi_attention")
+    nq, k = 2, 3
+    lv, rpe, scale = _half(rng, b, h, w, nq * heads + dim), _half(rng, k * k, nq * heads), _half(rng, k * k, nq * heads)
+    windows = np.empty((b, h, w, dim), np.float32)
+    check(cuda_ops.qna_windows(_h(lv), _h(rpe), _h(scale), heads, 1, _h(windows)),
+          qna.qna_windows_ref(lv, rpe, scale, heads, 1, windows.copy()), "qna_windows")
+    side = ws * max(1, min(h, w) // ws)
+    msa_qkv, rel_bias = _half(rng, b, side, side, 3 * dim), _half(rng, heads, ws * ws, ws * ws)
+    msa_out = np.empty((b, side, side, dim), np.float32)
+    check(cuda_ops.window_msa(_h(msa_qkv), _h(rel_bias), ws, heads, _h(msa_out)),
+          window_msa.window_msa_ref(msa_qkv, rel_bias, ws, heads, msa_out.copy()), "window_msa")
+    offsets = _half(rng, b, h // 2, w // 2, 8)
+    check(cuda_ops.deform_sample(_h(maps), _h(offsets)), deform_conv.deform_sample_ref(maps, offsets), "deform_sample")
+
+
+def test_float16_and_float32_cannot_mix_in_one_call():
+    if GPU_SKIP is None:
+        import cupy
+        x = cupy.zeros((2, 4), cupy.float16)
+        with pytest.raises(TypeError, match="expected float16"):
+            cuda_ops.layernorm(x, cupy.zeros(4, cupy.float32), cupy.zeros(4, cupy.float16), 1e-5, x)
+    with pytest.raises(TypeError, match="expected float32 or float16"):
+        cuda_ops._dtype("x", np.zeros(3, np.float64))

@@ -112,10 +112,13 @@ class DeviceArray(np.ndarray):
     """Stands for a GPU array: a model moved to the fake device must hand its ops nothing else."""
 
 
-def _fake_device():
-    """The op set of a stand-in device: NumPy's reference ops behind checks that every array they get lives
-    on the device and is C-contiguous (the CUDA wrappers' rules), with an xp whose constructors make device
-    arrays. A glue line still calling numpy, or passing a strided view, fails here."""
+def _fake_device(dtype):
+    """The op set of a stand-in device storing `dtype`: NumPy's reference ops behind checks that every array
+    they get lives on the device, is C-contiguous (the CUDA wrappers' rules) and has the device's dtype, with an
+    xp whose constructors make device arrays. A glue line still calling numpy, passing a strided view or making
+    a float32 buffer on a float16 device fails here. For float16 the references run on float32 copies whose
+    results are rounded back into the float16 arrays (outputs written in place included): half-precision
+    storage with float32 arithmetic, as the CUDA kernels compiled with -DQNALO_HALF do."""
     from types import SimpleNamespace
 
     from qnalo.models import ops as ops_module
@@ -125,16 +128,23 @@ def _fake_device():
 
     def checked(name, fn, contiguous=True):
         def run(*args, **kwargs):
-            for a in list(args) + list(kwargs.values()):
-                if isinstance(a, np.ndarray):
-                    assert type(a) is DeviceArray, f"{name} got a host array {a.shape}"
-                    assert a.flags.c_contiguous or not contiguous, f"{name} got a strided array {a.strides}"
-            out = fn(*args, **kwargs)
-            return out.view(DeviceArray) if isinstance(out, np.ndarray) else out
+            arrays = [a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)]
+            for a in arrays:
+                assert type(a) is DeviceArray, f"{name} got a host array {a.shape}"
+                assert a.flags.c_contiguous or not contiguous, f"{name} got a strided array {a.strides}"
+                assert a.dtype == dtype, f"{name} got a {a.dtype} array on a {np.dtype(dtype)} device"
+            wide = {id(a): np.asarray(a, np.float32) for a in arrays}
+            out = fn(*[wide.get(id(a), a) for a in args], **{k: wide.get(id(v), v) for k, v in kwargs.items()})
+            for a in arrays:
+                a[...] = wide[id(a)]            # what an in-place kernel wrote, rounded to the storage type
+            if isinstance(out, np.ndarray):
+                same = next((a for a in arrays if wide[id(a)] is out), None)
+                return same if same is not None else dev(out.astype(dtype))
+            return out
         return run
 
     def matmul(x, w, out=None):
-        y = np.matmul(np.asarray(x), np.asarray(w))
+        y = np.matmul(np.asarray(x, np.float32), np.asarray(w, np.float32)).astype(dtype)   # float32 accumulation
         if out is None:
             return dev(y)
         out[...] = y
@@ -146,10 +156,10 @@ def _fake_device():
         zeros=lambda *a, **k: dev(np.zeros(*a, **k)), ascontiguousarray=lambda a: dev(np.ascontiguousarray(a)),
         concatenate=lambda arrays, **k: dev(np.concatenate(arrays, **k)), pad=lambda a, w: dev(np.pad(a, w)))
     kernels = {name: checked(name, fn) for name, fn in vars(ops_module.NUMPY).items()
-               if name not in ("xp", "to_device", "to_host", "pack_weight", "matmul")}
-    return SimpleNamespace(xp=xp, to_device=lambda a: dev(np.array(a)), to_host=lambda a: np.array(a),
-                           pack_weight=lambda w: dev(np.array(w)), matmul=checked("matmul", matmul, False),
-                           **kernels)
+               if name not in ("xp", "dtype", "to_device", "to_host", "pack_weight", "matmul")}
+    return SimpleNamespace(xp=xp, dtype=dtype, to_device=lambda a: dev(np.array(a, dtype)),
+                           to_host=lambda a: np.array(a, np.float32), pack_weight=lambda w: dev(np.array(w, dtype)),
+                           matmul=checked("matmul", matmul, False), **kernels)
 
 
 @pytest.fixture
@@ -200,3 +210,46 @@ def test_asking_for_cuda_without_cupy_or_a_gpu_is_one_clear_error():
         qnalo.create_model("litv2_s", device="cuda")
     with pytest.raises(qnalo.InputError, match="unknown device 'tpu'"):
         qnalo.load("whatever.safetensors", device="tpu")
+
+
+@pytest.mark.parametrize("name", ["litv2_digits", "qna_vit_digits"])
+def test_float16_storage_keeps_the_demo_models_predictions(fake_device, name):
+    """dtype="float16" (half-precision storage, float32 arithmetic) on the stand-in device, which rounds every
+    stored array as the CUDA kernels built with -DQNALO_HALF do: the trained demo models' predictions on the 360
+    held-out digits, against float32 on the CPU."""
+    from qnalo import demo
+    from tolerances import MODEL_FLOAT16
+    path = demo.demo_path(name)
+    cpu, half = qnalo.load(path), qnalo.load(path, device=fake_device, dtype="float16")
+    assert half.dtype == "float16" and half.device == fake_device
+    x = demo.preprocess_digits(cpu.architecture, demo.heldout()["images"])
+    want, got = cpu(x), half(x)
+    assert got.dtype == np.float32                                   # NumPy out, as float32
+    error = float(np.abs(got - want).max() / np.abs(want).max())
+    agreement = float((got.argmax(1) == want.argmax(1)).mean())
+    print(f"{name}: float16 storage, max |dlogit| / max |logit| {error:.2e}, top-1 agreement {agreement:.2%}")
+    assert error <= MODEL_FLOAT16["rel_max"] and agreement >= MODEL_FLOAT16["top1_agreement"], (error, agreement)
+
+
+@pytest.mark.parametrize("name,size", [("litv2_s", 97), ("qna_vit_tiny", 224)])
+def test_float16_models_keep_every_array_in_float16(fake_device, name, size):
+    """The whole forward and forward_features of full-size models with float16 storage: every op gets float16
+    device arrays (the stand-in asserts it), and the outputs come back as float32 NumPy arrays."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = qnalo.create_model(name, device=fake_device, dtype="float16")
+    x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    logits = half(x)
+    assert type(logits) is np.ndarray and logits.dtype == np.float32 and np.isfinite(logits).all()
+    on_device = half(x.view(DeviceArray))                        # a device array in: float16, left there
+    assert type(on_device) is DeviceArray and on_device.dtype == np.float16
+    assert all(f.dtype == np.float32 for f in half.forward_features(x))
+
+
+def test_dtype_choices_are_checked():
+    with pytest.raises(qnalo.InputError, match="runs on device='cuda' only"):
+        qnalo.load("x.safetensors", dtype="float16")
+    with pytest.raises(qnalo.InputError, match="CuPy has no bfloat16"):
+        qnalo.create_model("litv2_s", dtype="bfloat16")
+    with pytest.raises(qnalo.InputError, match="unknown dtype"):
+        qnalo.create_model("litv2_s", dtype="float64")

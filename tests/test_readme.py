@@ -4,8 +4,9 @@ Every ```console block is a shell session: lines starting with "$ " are commands
 output (stdout), matched line by line; "..." inside a line matches any text, and a line that is only "..."
 matches any number of lines. Every ```python block is executed. All blocks run in document order, in one
 folder holding what the examples name: litv2_s.pth (an official-layout LITv2-S checkpoint with seeded random
-weights), photo.jpg (scikit-learn's china.jpg, a real photograph) and digit.png, with QNALO_WEIGHTS pointing at that folder. ```bash blocks (the set-up
-commands, which CI runs itself, and benchmark runs) and ```python-gpu blocks (no GPU here) are not run."""
+weights), photo.jpg (scikit-learn's china.jpg, a real photograph) and digit.png, with QNALO_WEIGHTS pointing at
+that folder. ```bash blocks (the set-up commands, which CI runs itself, and benchmark runs) and ```python-gpu
+blocks (no GPU here) are not run."""
 import os
 import re
 import shlex

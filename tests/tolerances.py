@@ -30,6 +30,10 @@ TOLERANCES = {
     ("features", "float32"): (1e-4, 0.0),        # same relative bound, scaled by max(1, max|feature|)
     # float64 NumPy reference vs float64 PyTorch: only the order of additions differs.
     ("any", "float64"): (1e-10, 1e-9),
+    # CUDA kernels storing float16 (-DQNALO_HALF) vs the float32 NumPy reference on the same float16-rounded
+    # inputs: the kernels compute in float32 and round once when they store, 2^-11 relative; residual_add_layernorm
+    # also normalises its own rounded sum. A bound with 4x room, not yet measured: no GPU has run these tests.
+    ("any", "float16"): (2e-3, 2e-3),
     # ("qna", "float64") falls back to "any": NumPy reference vs the PyTorch one over 600 random layers of the
     # test ranges, max |err| 5.3e-15 at logit std 1 and 1.2e-13 at std 50 (outputs up to ~30)
 }
@@ -71,3 +75,11 @@ def assert_logits_close(actual, ref, what="logits", op="logits"):
         top_a = np.argmax(actual, axis=1)
         top_r = np.argmax(ref, axis=1)
         assert (top_a == top_r).all(), f"{what}: top-1 differs in rows {np.nonzero(top_a != top_r)[0].tolist()}"
+
+# Whole models storing float16 (weights and activations; arithmetic in float32), against float32 on the CPU:
+# max |dlogit| / max|logit| and the share of images whose top-1 class agrees. Measured on the stand-in device
+# (tests/test_models_common.py, every stored array rounded to float16 as the -DQNALO_HALF kernels do), the 360
+# held-out digits: 9.0e-4 (LITv2 digits) and 1.5e-3 (QnA-ViT digits), top-1 100 % for both; seeded random
+# full-size weights at 224, batch 2: LITv2-S 9.4e-4, LITv2-B 9.4e-4, QnA-ViT-Tiny 7.5e-4, QnA-ViT-Base 6.8e-4.
+# The bound leaves 3x. The GPU tests hold the CUDA kernels to the same bound; they have not yet run on a GPU.
+MODEL_FLOAT16 = {"rel_max": 5e-3, "top1_agreement": 0.99}

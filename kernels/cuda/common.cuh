@@ -2,6 +2,37 @@
 // No host headers: NVRTC has none; erff, expf, sqrt are device built-ins.
 #pragma once
 
+// Storage type of every array argument: float32, or IEEE binary16 when compiled with -DQNALO_HALF (the model's
+// dtype="float16"). Kernels load with ld() and store with st(): every sum, product and statistic is computed
+// in float (LayerNorm's in double), so half precision rounds what is stored, never what is accumulated.
+// store_t is a one-member struct in both builds, so a load or store that skips ld()/st() does not compile.
+// NVRTC has no cuda_fp16.h here, so the half conversions are PTX (round to nearest even on the way down).
+#ifdef QNALO_HALF
+struct store_t {
+    unsigned short bits;
+};
+__device__ __forceinline__ float ld(store_t h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
+    return f;
+}
+__device__ __forceinline__ store_t st(float f) {
+    store_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+    return h;
+}
+#else
+struct store_t {
+    float value;
+};
+__device__ __forceinline__ float ld(store_t v) { return v.value; }
+__device__ __forceinline__ store_t st(float f) {
+    store_t v;
+    v.value = f;
+    return v;
+}
+#endif
+
 // exact (erf) GELU, as LITv2's nn.GELU
 __device__ __forceinline__ float gelu_erf(float x) {
     return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));

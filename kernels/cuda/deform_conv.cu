@@ -5,8 +5,8 @@
 // cols (B, Ho, Wo, 4, C). One thread per (output pixel, tap, channel), channels fastest.
 #include "common.cuh"
 
-extern "C" __global__ void deform_sample(const float* __restrict__ x, const float* __restrict__ offsets,
-                                         float* __restrict__ cols, int batch, int height, int width, int chans,
+extern "C" __global__ void deform_sample(const store_t* __restrict__ x, const store_t* __restrict__ offsets,
+                                         store_t* __restrict__ cols, int batch, int height, int width, int chans,
                                          int out_h, int out_w) {
     FOR_EACH_ELEMENT(e, (long long)batch * out_h * out_w * 4 * chans) {
         int c = (int)(e % chans);
@@ -15,19 +15,19 @@ extern "C" __global__ void deform_sample(const float* __restrict__ x, const floa
         long long pix = p / 4;                           // (img * out_h + ho) * out_w + wo
         int wo = (int)(pix % out_w), ho = (int)(pix / out_w % out_h);
         long long img = pix / ((long long)out_w * out_h);
-        float py = (float)(2 * ho + tap / 2) + offsets[pix * 8 + 2 * tap];
-        float px = (float)(2 * wo + tap % 2) + offsets[pix * 8 + 2 * tap + 1];
+        float py = (float)(2 * ho + tap / 2) + ld(offsets[pix * 8 + 2 * tap]);
+        float px = (float)(2 * wo + tap % 2) + ld(offsets[pix * 8 + 2 * tap + 1]);
         float v = 0.0f;
         if (py > -1.0f && py < (float)height && px > -1.0f && px < (float)width) {
             float fy = floorf(py), fx = floorf(px), ly = py - fy, lx = px - fx;
             int y0 = (int)fy, x0 = (int)fx;
-            const float* base = x + img * height * (long long)width * chans + c;
+            const store_t* base = x + img * height * (long long)width * chans + c;
             float w00 = (1.0f - ly) * (1.0f - lx), w01 = (1.0f - ly) * lx, w10 = ly * (1.0f - lx), w11 = ly * lx;
-            if (y0 >= 0 && x0 >= 0) v += w00 * base[((long long)y0 * width + x0) * chans];
-            if (y0 >= 0 && x0 + 1 < width) v += w01 * base[((long long)y0 * width + x0 + 1) * chans];
-            if (y0 + 1 < height && x0 >= 0) v += w10 * base[((long long)(y0 + 1) * width + x0) * chans];
-            if (y0 + 1 < height && x0 + 1 < width) v += w11 * base[((long long)(y0 + 1) * width + x0 + 1) * chans];
+            if (y0 >= 0 && x0 >= 0) v += w00 * ld(base[((long long)y0 * width + x0) * chans]);
+            if (y0 >= 0 && x0 + 1 < width) v += w01 * ld(base[((long long)y0 * width + x0 + 1) * chans]);
+            if (y0 + 1 < height && x0 >= 0) v += w10 * ld(base[((long long)(y0 + 1) * width + x0) * chans]);
+            if (y0 + 1 < height && x0 + 1 < width) v += w11 * ld(base[((long long)(y0 + 1) * width + x0 + 1) * chans]);
         }
-        cols[e] = v;
+        cols[e] = st(v);
     }
 }

@@ -6,8 +6,8 @@
 // subtracted before exp, so large logits stay finite (where the official float32 code overflows).
 #include "common.cuh"
 
-extern "C" __global__ void qna_windows(const float* __restrict__ lv, const float* __restrict__ rpe,
-                                       const float* __restrict__ attn_scale, float* __restrict__ out,
+extern "C" __global__ void qna_windows(const store_t* __restrict__ lv, const store_t* __restrict__ rpe,
+                                       const store_t* __restrict__ attn_scale, store_t* __restrict__ out,
                                        int batch, int height, int width, int heads, int nq, int ksize,
                                        int stride, int out_h, int out_w, int features) {
     int nc = nq * heads, n_cols = nc + features, d = features / heads, pad = (ksize - 1) / 2;
@@ -24,19 +24,19 @@ extern "C" __global__ void qna_windows(const float* __restrict__ lv, const float
             for (int a = a0; a < a1; ++a)
                 for (int b = b0; b < b1; ++b) {
                     long long cell = ((img * height + y0 + a) * width + x0 + b) * n_cols;
-                    top = fmaxf(top, lv[cell + c] + rpe[(a * ksize + b) * nc + c]);
+                    top = fmaxf(top, ld(lv[cell + c]) + ld(rpe[(a * ksize + b) * nc + c]));
                 }
             float den = 0.0f, num = 0.0f;
             for (int a = a0; a < a1; ++a)
                 for (int b = b0; b < b1; ++b) {
                     long long cell = ((img * height + y0 + a) * width + x0 + b) * n_cols;
                     int t = (a * ksize + b) * nc + c;
-                    float w = expf(lv[cell + c] + rpe[t] - top);
+                    float w = expf(ld(lv[cell + c]) + ld(rpe[t]) - top);
                     den += w;
-                    num += w * attn_scale[t] * lv[cell + nc + f];
+                    num += w * ld(attn_scale[t]) * ld(lv[cell + nc + f]);
                 }
             total += num / den;
         }
-        out[e] = total;
+        out[e] = st(total);
     }
 }

@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import CheckpointError, InputError, key_mismatches
 from ..kernels import _jit
 from ..weights import release_pages
-from .ops import device_ops, get_ops
+from .ops import check_dtype, device_ops, get_ops
 
 _WARMED = set()   # (model class, miniature config) already run in this process
 
@@ -38,7 +38,7 @@ def check_image_batch(x, model_name, min_size, factor, xp=np):
     """The checks of a model input: a float32 NCHW array of the model's device (xp: numpy or cupy) (B, 3, H, W)
     with H, W >= min_size (the model downsamples by `factor`). Returns it as it is (Classifier._input makes it
     C-contiguous once the memory check has passed)."""
-    if not isinstance(x, xp.ndarray):
+    if not isinstance(x, (np.ndarray, xp.ndarray)):
         where = "a numpy" if xp is np else f"a {xp.__name__} (or numpy)"
         hint = "; move it with cupy.asnumpy(x), or the model with model.to('cuda')" if xp is np and \
             type(x).__module__.startswith("cupy") else ""
@@ -82,26 +82,31 @@ class Classifier:
 
     device = "cpu"
 
-    def to(self, device):
+    dtype = "float32"   # what the model stores its weights and activations in (float16: device="cuda" only)
+
+    def to(self, device, dtype="float32"):
         """Moves the model to `device` ("cpu", or "cuda": the CUDA kernels on CuPy arrays) and returns it. Its
-        weights are copied there (and re-packed for the CPU's GEMM on the way back)."""
-        if device == self.device:
+        weights are copied there (and re-packed for the CPU's GEMM on the way back). dtype="float16" (CUDA)
+        stores weights and activations in half precision; every kernel still computes in float32."""
+        dtype = check_dtype(device, dtype)
+        if device == self.device and dtype == self.dtype:
             return self
-        ops = get_ops(self.backend) if device == "cpu" else device_ops(device)
+        ops = get_ops(self.backend) if device == "cpu" else device_ops(device, dtype)
         _move(self, self._ops, ops, set())
-        self._ops, self.device = ops, device
+        self._ops, self.device, self.dtype = ops, device, dtype
         return self
 
     def _input(self, x):
-        """(x on the model's device, checked, and a function that brings an output back to x's kind): NumPy
-        input to a CUDA model is copied to the GPU and its outputs back; CuPy input keeps them there."""
-        to_caller = _same
-        if self.device != "cpu" and isinstance(x, np.ndarray) and not isinstance(x, self._ops.xp.ndarray):
-            x, to_caller = self._ops.to_device(x), self._ops.to_host
-        x = self._check_input(x)
+        """(x checked, C-contiguous, on the model's device in its dtype; a function that brings an output back to
+        x's kind): NumPy input to a CUDA model is copied to the GPU and its outputs back; CuPy input keeps them
+        there."""
+        x = self._check_input(x)            # a float32 NumPy array, or one of the model's device
         if self.device == "cpu":
-            self._check_memory(x.shape)   # before the contiguous copy, which may itself be too large
-        return self._ops.xp.ascontiguousarray(x), to_caller
+            self._check_memory(x.shape)     # before the contiguous copy, which may itself be too large
+            return np.ascontiguousarray(x), _same
+        if not isinstance(x, self._ops.xp.ndarray):
+            return self._ops.xp.ascontiguousarray(self._ops.to_device(x)), self._ops.to_host
+        return self._ops.xp.ascontiguousarray(x.astype(self._ops.dtype, copy=False)), _same
 
     # Peak working memory of a forward pass, per input pixel and per embed_dim channel: measured with
     # tracemalloc (every buffer is a NumPy array) at 224-896 px; the subclasses set it. Batch 1 is the worst
@@ -129,7 +134,7 @@ class Classifier:
         """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
         normed = self._ops.layernorm(tokens, self.norm.weight, self.norm.bias, self.LN_EPS,
                                      self._ops.xp.empty_like(tokens))
-        pooled = normed.reshape(b, -1, normed.shape[1]).mean(axis=1, dtype=np.float64).astype(np.float32)
+        pooled = normed.reshape(b, -1, normed.shape[1]).mean(axis=1, dtype=np.float64).astype(self._ops.dtype)
         return self.head.matmul(pooled) + self.head.bias
 
     def __call__(self, x):
@@ -138,7 +143,7 @@ class Classifier:
             raise InputError(self.NO_HEAD)
         x, to_caller = self._input(x)
         if x.shape[0] == 0:
-            return to_caller(self._ops.xp.zeros((0, self.config.num_classes), np.float32))
+            return to_caller(self._ops.xp.zeros((0, self.config.num_classes), self._ops.dtype))
         for tokens, _, _ in self._stages(x, keep_early=False):
             pass
         return to_caller(self.forward_head(tokens, x.shape[0]))

@@ -104,7 +104,7 @@ class HiLoAttention:
     def __call__(self, ops, xn, b, h, w):
         """xn (B*h*w, C) normalised tokens -> the projected output (B*h*w, C) without its bias, and that bias."""
         c = xn.shape[1]
-        heads_out = ops.xp.empty((b, h, w, c), dtype=np.float32)
+        heads_out = ops.xp.empty((b, h, w, c), dtype=ops.dtype)
         projected = self.in_proj.matmul(xn).reshape(b, h, w, -1)   # [qkv | q], no bias
         bias = self.in_proj.bias
         if self.hi_heads:
@@ -215,7 +215,8 @@ class LITv2(Classifier):
     random_tensors = staticmethod(random_tensors)
 
     # -- input checks ---------------------------------------------------------------------------------------
-    ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 2.75   # LITv2-S and -B: 264 and 352 B per pixel at batch 1 (see Classifier.forward_bytes)
+    # LITv2-S and -B: 264 and 352 B per pixel at batch 1 (see Classifier.forward_bytes)
+    ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 2.75
 
     def _check_input(self, x):
         return check_image_batch(x, "LITv2", self.min_size, 32, self._ops.xp)
@@ -285,7 +286,7 @@ class LITv2(Classifier):
         x, to_caller = self._input(x)
         b, xp = x.shape[0], self._ops.xp
         if b == 0:
-            return [to_caller(xp.zeros((0, self.config.stage_dim(i), h, w), np.float32))
+            return [to_caller(xp.zeros((0, self.config.stage_dim(i), h, w), self._ops.dtype))
                     for i, (h, w) in enumerate(self.feature_sizes(*x.shape[2:]))]
         feats = []
         for i, (tokens, h, w) in enumerate(self._stages(x)):

@@ -12,7 +12,7 @@ from qnalo.errors import InputError
 from qnalo.kernels import deform_conv, dwconv_gelu, gelu, gelu_tanh, gemm, hilo, layernorm, qna, window_msa
 
 NUMBA = SimpleNamespace(
-    xp=np, to_device=np.asarray, to_host=np.asarray,
+    xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray,
     pack_weight=gemm.PackedWeight,
     matmul=gemm.matmul,
     layernorm=layernorm.layernorm,
@@ -31,7 +31,7 @@ NUMBA = SimpleNamespace(
 )
 
 NUMPY = SimpleNamespace(
-    xp=np, to_device=np.asarray, to_host=np.asarray,
+    xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray,
     pack_weight=lambda w: w,
     matmul=gemm.matmul_ref,
     layernorm=layernorm.layernorm_ref,
@@ -59,8 +59,10 @@ def get_ops(backend):
         raise InputError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
 
 
-def _cuda():
-    """The op set of device="cuda": kernels/cuda through qnalo.kernels.cuda_ops, GEMMs on CuPy's cuBLAS."""
+def _cuda(dtype):
+    """The op set of device="cuda" storing `dtype` (float32 or float16; arithmetic in float32 either way):
+    kernels/cuda through qnalo.kernels.cuda_ops, GEMMs on CuPy's cuBLAS (float16 inputs accumulate in float32:
+    CuPy calls cublasGemmEx with CUBLAS_COMPUTE_32F)."""
     from qnalo.kernels import cuda_ops
     try:
         cp = cuda_ops.cupy()
@@ -83,8 +85,9 @@ def _cuda():
         return out
 
     return SimpleNamespace(
-        xp=cp, to_device=cp.asarray, to_host=cp.asnumpy,
-        pack_weight=cp.asarray,
+        xp=cp, dtype=dtype, to_device=lambda a: cp.asarray(a, dtype=dtype),
+        to_host=lambda a: cp.asnumpy(a).astype(np.float32, copy=False),
+        pack_weight=lambda w: cp.asarray(w, dtype=dtype),
         matmul=matmul,
         **{name: getattr(cuda_ops, name) for name in (
             "layernorm", "residual_add", "residual_add_layernorm", "bias_gelu", "dwconv3x3_gelu", "deform_sample",
@@ -92,17 +95,32 @@ def _cuda():
     )
 
 
-DEVICES = {"cuda": _cuda}
+DEVICES = {"cuda": _cuda}   # device name -> factory(dtype) of its op set
+DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def device_ops(device):
-    """The op set of a device other than the CPU (built on first use, once)."""
+def device_ops(device, dtype="float32"):
+    """The op set of a device other than the CPU storing `dtype` (built on first use, once per pair)."""
     if device not in DEVICES:
         raise InputError(f"unknown device {device!r}; choose 'cpu' or one of {sorted(DEVICES)}")
-    made = _DEVICE_OPS.get(device)
+    key = (device, check_dtype(device, dtype))
+    made = _DEVICE_OPS.get(key)
     if made is None:
-        made = _DEVICE_OPS[device] = DEVICES[device]()
+        made = _DEVICE_OPS[key] = DEVICES[device](DTYPES[key[1]])
     return made
+
+
+def check_dtype(device, dtype):
+    """dtype's name, if `device` can store it; an InputError that says what can, otherwise."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name == "bfloat16":
+        raise InputError("dtype='bfloat16' is not available: CuPy has no bfloat16 arrays; use dtype='float16' "
+                         "(the same float32 arithmetic, half the memory traffic)")
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose 'float32' or 'float16'")
+    if name != "float32" and device == "cpu":
+        raise InputError(f"dtype={name!r} runs on device='cuda' only; the CPU kernels are float32")
+    return name
 
 
 _DEVICE_OPS = {}

@@ -104,7 +104,7 @@ class QnAAttention:
         """xn (B*h*w, C) normalised tokens -> (B*ho*wo, F) without bias (there is none), ho, wo."""
         lv = self.in_proj.matmul(xn).reshape(b, h, w, -1)
         ho, wo = qna_output_size(h, self.ksize, self.stride), qna_output_size(w, self.ksize, self.stride)
-        out = ops.xp.empty((b, ho, wo, self.features), np.float32)
+        out = ops.xp.empty((b, ho, wo, self.features), ops.dtype)
         ops.qna_windows(lv, self.rpe, self.attn_scale, self.heads, self.stride, out)
         return self.out_proj.matmul(out.reshape(-1, self.features)), ho, wo
 
@@ -122,7 +122,7 @@ class WindowMSA:
     def __call__(self, ops, xn, b, h, w):
         c = xn.shape[1]
         qkv = self.qkv.matmul(xn).reshape(b, h, w, 3 * c)
-        out = ops.xp.empty((b, h, w, c), np.float32)
+        out = ops.xp.empty((b, h, w, c), ops.dtype)
         ops.window_msa(qkv, self.rel_bias, self.window, self.heads, out)
         return self.proj.matmul(out.reshape(-1, c)), h, w
 
@@ -234,7 +234,8 @@ class QnAViT(Classifier):
         n = self.config.img_size
         return next((m for d in range(n) for m in (n + d, n - d) if m >= 32 and self._side_fits(m)), None)
 
-    ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 2.4   # QnA-ViT-Tiny: 128 (448 px) to 152 (224 px) B per pixel (see Classifier.forward_bytes)
+    # QnA-ViT-Tiny: 128 (448 px) to 152 (224 px) B per pixel (see Classifier.forward_bytes)
+    ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 2.4
 
     def _check_input(self, x):
         x = check_image_batch(x, "QnA-ViT", 1, 32, self._ops.xp)
@@ -283,7 +284,7 @@ class QnAViT(Classifier):
         x, to_caller = self._input(x)
         b, xp = x.shape[0], self._ops.xp
         if b == 0:
-            return [to_caller(xp.zeros((0, self.config.stage_dim(i), h, w), np.float32))
+            return [to_caller(xp.zeros((0, self.config.stage_dim(i), h, w), self._ops.dtype))
                     for i, (h, w) in enumerate(self.feature_sizes(*x.shape[2:]))]
         return [to_caller(xp.ascontiguousarray(tokens.reshape(b, h, w, -1).transpose(0, 3, 1, 2)))
                 for tokens, h, w in self._stages(x)]
