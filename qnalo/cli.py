@@ -223,9 +223,10 @@ def _run_demo(args):
     from qnalo import demo
 
     manifest = demo.manifest()
-    print(f"qnalo classify --demo: two small models trained in PyTorch on scikit-learn's handwritten digits (seed "
-          f"{manifest['seed']}), converted with `qnalo convert`; {manifest['heldout_count']} held-out digits, "
-          f"each through its family's official preprocessing at {demo.IMG_SIZE}x{demo.IMG_SIZE}")
+    if not args.json:   # --json: stdout is the JSON document alone
+        print(f"qnalo classify --demo: two small models trained in PyTorch on scikit-learn's handwritten digits "
+              f"(seed {manifest['seed']}), converted with `qnalo convert`; {manifest['heldout_count']} held-out "
+              f"digits, each through its family's official preprocessing at {demo.IMG_SIZE}x{demo.IMG_SIZE}")
     failed = False
     reports = []
     for name in demo.DEMO_MODELS:
