@@ -12,7 +12,7 @@ import dataclasses
 import warnings
 
 from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError
-from .models import ARCHITECTURES, MODEL_REGISTRY
+from .models import MODEL_REGISTRY, read_model_file
 from .models.ops import check_dtype, device_ops, get_ops
 from .weights import read_weights
 
@@ -81,12 +81,8 @@ def load(path, backend="numba", device="cpu", dtype="float32"):
     """The model described by a qnalo weights file alone (its config travels in the file's metadata); backend,
     device and dtype as in create_model."""
     _check_target(backend, device, dtype)
-    tensors, architecture, config, source = read_weights(path)
-    if architecture not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: unknown architecture {architecture!r}; this qnalo knows "
-                              f"{sorted(ARCHITECTURES)}")
-    model_cls, config_cls = ARCHITECTURES[architecture]
-    return _build(model_cls, config_cls.from_file(path, config), tensors, backend, device, dtype, source)
+    model_cls, config, tensors, source = read_model_file(path)
+    return _build(model_cls, config, tensors, backend, device, dtype, source)
 
 
 def _check_target(backend, device, dtype):

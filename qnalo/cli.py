@@ -254,15 +254,12 @@ def _add_info_arguments(parser):
 
 
 def _run_info(args):
-    from qnalo.models import ARCHITECTURES
-    from qnalo.weights import FORMAT_VERSION, read_weights
+    from qnalo.models import read_model_file
+    from qnalo.weights import FORMAT_VERSION
     from qnalo.weights_converter.convert import parameter_count
 
-    tensors, architecture, config, source = read_weights(args.file)
-    if architecture not in ARCHITECTURES:
-        raise QnaloError(f"{args.file}: unknown architecture {architecture!r}")
-    config_cls = ARCHITECTURES[architecture][1]
-    cfg = config_cls.from_file(args.file, config)
+    model_cls, cfg, tensors, source = read_model_file(args.file)
+    architecture = model_cls.architecture
     params = parameter_count(tensors)
     macs = cfg.macs(cfg.img_size, cfg.img_size)
     labels = source.get("labels")
@@ -314,7 +311,6 @@ def _add_bench_arguments(parser):
 
 def _run_bench(args):
     import time
-    import warnings
 
     import numpy as np
 
@@ -325,14 +321,9 @@ def _run_bench(args):
 
     _set_threads(args)
     if args.weights:
-        from qnalo.models import ARCHITECTURES
-        from qnalo.weights import read_weights
+        from qnalo.models import read_model_file
 
-        _, architecture, config, _ = read_weights(args.weights)
-        if architecture not in ARCHITECTURES:
-            raise QnaloError(f"{args.weights}: unknown architecture {architecture!r}")
-        model_cls, config_cls = ARCHITECTURES[architecture]
-        config = config_cls.from_file(args.weights, config)
+        model_cls, config, _, _ = read_model_file(args.weights)
     else:
         model_cls, _, config = MODEL_REGISTRY[args.model]
     start = time.perf_counter()

@@ -12,6 +12,7 @@ import pytest
 
 import qnalo
 from qnalo import demo
+from test_converter import sha256
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,12 +185,6 @@ def test_2000_inferences_keep_memory_flat(tmp_path, name):
     assert growth < SOAK_GROWTH, report
 
 
-def _sha256(path):
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 # --- killed conversions ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -207,7 +202,7 @@ def test_a_conversion_killed_at_any_moment_leaves_nothing(tmp_path):
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     whole = time.perf_counter() - start
-    complete = _sha256(out / "litv2_s.safetensors")
+    complete = sha256(out / "litv2_s.safetensors")
     (out / "litv2_s.safetensors").unlink()
     kills = 0
     for fraction in np.linspace(0.05, 0.95, 10):
@@ -218,7 +213,7 @@ def test_a_conversion_killed_at_any_moment_leaves_nothing(tmp_path):
         kills += proc.returncode == -signal.SIGKILL
         left = os.listdir(out)
         # nothing, or (killed after the rename, while exiting) the whole file: never part of one
-        assert left == [] or left == ["litv2_s.safetensors"] and _sha256(out / left[0]) == complete, \
+        assert left == [] or left == ["litv2_s.safetensors"] and sha256(out / left[0]) == complete, \
             f"killed at {fraction:.0%} of the run, it left {left}"
         for name in left:
             (out / name).unlink()

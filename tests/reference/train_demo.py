@@ -135,10 +135,9 @@ def main(argv=None):
             accuracy = float((predictions == test_labels).mean())
             pth = os.path.join(scratch, f"{name}.pth")
             torch.save(model.state_dict(), pth)
-            tmp = os.path.join(scratch, f"{name}.safetensors")
-            info = convert(pth, tmp, img_size=demo.IMG_SIZE, labels=demo.DIGIT_LABELS,
+            info = convert(pth, os.path.join(args.out, f"{name}.safetensors"), force=True,   # writes atomically
+                           img_size=demo.IMG_SIZE, labels=demo.DIGIT_LABELS,
                            head_dim=LITV2_HEAD_DIM if architecture == "litv2" else None)
-            _copy_atomic(tmp, os.path.join(args.out, f"{name}.safetensors"))
             report["models"][name] = {"architecture": architecture, "params": info["params"],
                                       "torch_heldout_accuracy": accuracy,
                                       "train_seconds": round(time.perf_counter() - start, 1)}
