@@ -84,7 +84,7 @@ def layernorm(x, weight, bias, eps, out):
     dt = _dtype("x", x)
     rows, cols = _check("x", x, 2, dt).shape
     for name, vec in (("weight", weight), ("bias", bias)):
-        _same(name, _check(name, vec, 1), (cols,))
+        _same(name, _check(name, vec, 1, dt), (cols,))
     _same("out", _check("out", out, 2, dt), x.shape)
     _kernel("layernorm", "layernorm_rows", dt)((max(rows, 1),), (BLOCK,),
                                            (x, weight, bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
@@ -108,7 +108,7 @@ def residual_add_layernorm(x, y, bias, weight, ln_bias, eps, out):
     _same("y", _check("y", y, 2, dt), x.shape)
     _same("out", _check("out", out, 2, dt), x.shape)
     for name, vec in (("bias", bias), ("weight", weight), ("ln_bias", ln_bias)):
-        _same(name, _check(name, vec, 1), (cols,))
+        _same(name, _check(name, vec, 1, dt), (cols,))
     _kernel("layernorm", "residual_add_layernorm_rows", dt)(
         (max(rows, 1),), (BLOCK,), (x, y, bias, weight, ln_bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
     return out
@@ -138,7 +138,7 @@ def dwconv3x3_gelu(h, pre_bias, weight, bias):
     b, height, width, c = _check("h", h, 4, dt).shape
     _same("weight", _check("weight", weight, 3, dt), (3, 3, c))
     for name, vec in (("pre_bias", pre_bias), ("bias", bias)):
-        _same(name, _check(name, vec, 1), (c,))
+        _same(name, _check(name, vec, 1, dt), (c,))
     out = cupy().empty_like(h)
     _kernel("dwconv_gelu", "dwconv3x3_gelu", dt)(_grid(h.size), (BLOCK,), (h, pre_bias, weight, bias, out, np.int32(b),
                                                                       np.int32(height), np.int32(width), np.int32(c)))
