@@ -79,6 +79,11 @@ def _grid(n):
     return (max(1, min(MAX_BLOCKS, -(-n // BLOCK))),)
 
 
+def _row_grid(rows):
+    """Blocks for the one-warp-per-row kernels (BLOCK / 32 rows each)."""
+    return (max(1, -(-rows // (BLOCK // 32))),)
+
+
 def layernorm(x, weight, bias, eps, out):
     """out = LayerNorm(x) * weight + bias over the last axis; x, out (N, C)."""
     dt = _dtype("x", x)
@@ -86,7 +91,7 @@ def layernorm(x, weight, bias, eps, out):
     for name, vec in (("weight", weight), ("bias", bias)):
         _same(name, _check(name, vec, 1, dt), (cols,))
     _same("out", _check("out", out, 2, dt), x.shape)
-    _kernel("layernorm", "layernorm_rows", dt)((max(rows, 1),), (BLOCK,),
+    _kernel("layernorm", "layernorm_rows", dt)(_row_grid(rows), (BLOCK,),
                                            (x, weight, bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
     return out
 
@@ -110,7 +115,7 @@ def residual_add_layernorm(x, y, bias, weight, ln_bias, eps, out):
     for name, vec in (("bias", bias), ("weight", weight), ("ln_bias", ln_bias)):
         _same(name, _check(name, vec, 1, dt), (cols,))
     _kernel("layernorm", "residual_add_layernorm_rows", dt)(
-        (max(rows, 1),), (BLOCK,), (x, y, bias, weight, ln_bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
+        _row_grid(rows), (BLOCK,), (x, y, bias, weight, ln_bias, np.float32(eps), out, np.int32(rows), np.int32(cols)))
     return out
 
 

@@ -32,6 +32,14 @@ extern "C" __global__ void block_sums(const float* x, float* out, int n) {
     }
 }
 
+// out[i] = the sum of x over the warp of thread i, by a butterfly of xor shuffles
+extern "C" __global__ void warp_totals(const double* x, double* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    double v = x[i];
+    for (int mask = 16; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
+    out[i] = v;
+}
+
 extern "C" __global__ void thread_ids(int* out) {
     int t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
     int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
@@ -72,6 +80,13 @@ def test_shared_memory_barriers_and_shuffles_reduce_like_a_gpu(module, seed, blo
     module.get_function("block_sums")((blocks,), (block,), (cp.asarray(x), out, np.int32(n)))
     want = [2.0 * x[b * block:(b + 1) * block].astype(np.float64).sum() for b in range(blocks)]
     np.testing.assert_allclose(cp.asnumpy(out), want, rtol=1e-5, atol=1e-4)
+
+
+def test_xor_shuffles_give_every_lane_its_warps_total(module):
+    x = np.random.default_rng(0).standard_normal(3 * 128)
+    out = cp.empty(x.size, np.float64)
+    module.get_function("warp_totals")((3,), (128,), (cp.asarray(x), out))
+    np.testing.assert_allclose(cp.asnumpy(out), np.repeat(x.reshape(-1, 32).sum(1), 32), rtol=1e-12)
 
 
 def test_every_thread_of_a_3d_grid_runs_once_with_its_own_indices(module):

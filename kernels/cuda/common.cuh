@@ -66,17 +66,8 @@ __device__ __forceinline__ Nhwc nhwc_index(long long i, int height, int width, i
 #define FOR_EACH_ELEMENT(i, n) \
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
-// sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total
-__device__ __forceinline__ double block_sum(double v, double* scratch /* [32] shared */) {
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v += __shfl_down_sync(0xffffffffu, v, offset);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();                       // scratch may still be read from a previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x >> 5;
-    v = lane < warps ? scratch[lane] : 0.0;
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v += __shfl_down_sync(0xffffffffu, v, offset);
-    return __shfl_sync(0xffffffffu, v, 0);
+// sum over the 32 lanes of a warp, all taking part; the butterfly gives every lane the same total
+__device__ __forceinline__ double warp_sum(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
 }

@@ -260,6 +260,11 @@ static inline T __shfl_sync(unsigned mask, T v, int src_lane) {
 }
 
 template <class T>
+static inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    return qnalo_emu::shuffle(mask, v, (qnalo_emu::current & 31) ^ (lane_mask & 31));
+}
+
+template <class T>
 static inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
     int lane = qnalo_emu::current & 31;
     return qnalo_emu::shuffle(mask, v, lane + (int)delta < 32 ? lane + (int)delta : lane);
