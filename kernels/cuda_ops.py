@@ -16,6 +16,7 @@ import numpy as np
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 SOURCES = ("layernorm", "bias_act", "dwconv_gelu", "qna", "window_msa", "hilo", "deform_conv")   # kernels/cuda/<name>.cu
 MAX_HEAD_DIM = 128          # the attention kernels keep a query and an output row in registers
+QNA_FEATURE_CHUNK = 8       # features per thread in qna.cu (its FEATURE_CHUNK)
 BLOCK = 256
 MAX_BLOCKS = 1 << 16          # grid-stride loops cover any size
 
@@ -159,7 +160,8 @@ def qna_windows(lv, rpe, attn_scale, heads, stride, out):
     ksize, nq, f = _layout(n_cols, _check("rpe", rpe, 2, dt), _check("attn_scale", attn_scale, 2, dt), heads, stride)
     _same("out", _check("out", out, 4, dt),
           (b, qna_output_size(h, ksize, stride), qna_output_size(w, ksize, stride), f))
-    _kernel("qna", "qna_windows", dt)(_grid(out.size), (BLOCK,), (
+    chunks = -(-(f // heads) // QNA_FEATURE_CHUNK)
+    _kernel("qna", "qna_windows", dt)(_grid(out.size // (f // heads) * chunks), (BLOCK,), (
         lv, rpe, attn_scale, out, np.int32(b), np.int32(h), np.int32(w), np.int32(heads), np.int32(nq),
         np.int32(ksize), np.int32(stride), np.int32(out.shape[1]), np.int32(out.shape[2]), np.int32(f)))
     return out
