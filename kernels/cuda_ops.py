@@ -17,6 +17,9 @@ SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 SOURCES = ("layernorm", "bias_act", "dwconv_gelu", "qna", "window_msa", "hilo", "deform_conv")   # kernels/cuda/<name>.cu
 MAX_HEAD_DIM = 128          # the attention kernels keep a query and an output row in registers
 QNA_FEATURE_CHUNK = 8       # features per thread in qna.cu (its FEATURE_CHUNK)
+LOFI_QUERIES = 128          # queries (threads) per block of the Lo-Fi kernel, which share its key tiles
+MAX_WINDOW = 32             # window_msa runs a thread per query of a window: at most 1024 per block
+MAX_GRID_YZ = 65535         # CUDA's limit on the grid's y and z, which carry heads and batch
 BLOCK = 256
 MAX_BLOCKS = 1 << 16          # grid-stride loops cover any size
 
@@ -167,6 +170,11 @@ def qna_windows(lv, rpe, attn_scale, heads, stride, out):
     return out
 
 
+def _attention_kernel(name, head_dim):
+    """The attention kernel for a head size: its _hd32 build (head_dim compiled in) or the generic one."""
+    return name + "_hd32" if head_dim == 32 else name
+
+
 def _head_dim(head_dim):
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim}: the CUDA attention kernels take 1..{MAX_HEAD_DIM}")
@@ -181,9 +189,14 @@ def window_msa(qkv, rel_bias, window, heads, out):
     b, h, w, n_cols = _check("qkv", qkv, 4, dt).shape
     d = _head_dim(check_layout(qkv, _check("rel_bias", rel_bias, 3, dt), window, heads))
     _same("out", _check("out", out, 4, dt), (b, h, w, heads * d))
-    _kernel("window_msa", "window_msa", dt)(_grid(b * h * w * heads), (BLOCK,), (
-        qkv, rel_bias, out, np.int32(b), np.int32(h), np.int32(w), np.int32(heads), np.int32(d), np.int32(window),
-        np.float32(1.0 / np.sqrt(d))))
+    if window > MAX_WINDOW or b > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+        raise ValueError(f"window {window}, batch {b}, {heads} heads: the CUDA window MSA takes windows up to "
+                         f"{MAX_WINDOW} and batches and heads up to {MAX_GRID_YZ}")
+    threads = -(-window * window // 32) * 32                  # a thread per query of the window
+    _kernel("window_msa", _attention_kernel("window_msa", d), dt)(
+        ((h // window) * (w // window), heads, b), (threads,), (
+            qkv, rel_bias, out, np.int32(h), np.int32(w), np.int32(heads), np.int32(d), np.int32(window),
+            np.float32(1.0 / np.sqrt(d))))
     return out
 
 
@@ -207,7 +220,7 @@ def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
         raise ValueError(f"qkv {qkv.shape} / qkv_bias {qkv_bias.shape}: need at least {3 * dim} columns")
     if _check("out", out, 4, dt).shape[:3] != (b, h, w) or out.shape[3] < dim:
         raise ValueError(f"out {out.shape}: need (B, H, W) = {(b, h, w)} and at least {dim} columns")
-    _kernel("hilo", "hifi_attention", dt)(_grid(b * h * w * heads), (BLOCK,), (
+    _kernel("hilo", _attention_kernel("hifi_attention", head_dim), dt)(_grid(b * h * w * heads), (BLOCK,), (
         qkv, qkv_bias, out, np.int32(b), np.int32(h), np.int32(w), np.int32(qkv_cols), np.int32(out.shape[3]),
         np.int32(heads), np.int32(head_dim), np.int32(ws), np.float32(scale)))
     return out
@@ -226,10 +239,12 @@ def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out,
     _same("kv_bias", _check("kv_bias", kv_bias, 1, dt), (2 * dim,))
     if _check("out", out, 4, dt).shape[:3] != (b, h, w) or out_col + dim > out.shape[3]:
         raise ValueError(f"out {out.shape}: need (B, H, W) = {(b, h, w)} and columns up to {out_col + dim}")
-    _kernel("hilo", "lofi_attention", dt)(_grid(b * h * w * heads), (BLOCK,), (
-        qkv, q_bias, kv, kv_bias, out, np.int32(b), np.int32(h * w), np.int32(qkv_cols), np.int32(q_col),
-        np.int32(keys), np.int32(out.shape[3]), np.int32(out_col), np.int32(heads), np.int32(head_dim),
-        np.float32(scale)))
+    if b > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+        raise ValueError(f"batch {b}, {heads} heads: the CUDA Lo-Fi attention takes up to {MAX_GRID_YZ} of each")
+    _kernel("hilo", _attention_kernel("lofi_attention", head_dim), dt)(
+        (max(1, -(-h * w // LOFI_QUERIES)), heads, b), (LOFI_QUERIES,), (
+            qkv, q_bias, kv, kv_bias, out, np.int32(h * w), np.int32(qkv_cols), np.int32(q_col), np.int32(keys),
+            np.int32(out.shape[3]), np.int32(out_col), np.int32(heads), np.int32(head_dim), np.float32(scale)))
     return out
 
 

@@ -1,10 +1,10 @@
 // LITv2's HiLo branches (kernels/hilo.py): the references there define every index and padding rule.
 // Hi-Fi: attention inside ws x ws windows of the map zero-padded bottom/right to a multiple of ws (a padded
-// token's k and v are the biases alone); Lo-Fi: every query attends to the M keys of the ws x ws-averaged map.
-// One thread per (query token, head), online softmax; head_dim <= MAX_HEAD_DIM.
-#include "common.cuh"
-
-#define MAX_HEAD_DIM 128
+// token's k and v are the biases alone), one thread per (query token, head), online softmax over the window;
+// Lo-Fi: every query attends to the M keys of the ws x ws-averaged map, one thread per query, a block per
+// (tile of queries, head, image) sharing tiles of keys in shared memory (attention.cuh). Each has a generic
+// kernel (head_dim <= MAX_HEAD_DIM at run time) and a _hd32 one (head_dim 32 compiled in, as in every LITv2).
+#include "attention.cuh"
 
 // pooled (B, ceil(H/ws), ceil(W/ws), C) = mean over each ws x ws block of the zero-padded x (B, H, W, C)
 extern "C" __global__ void window_avgpool(const store_t* __restrict__ x, store_t* __restrict__ pooled, int batch,
@@ -23,16 +23,19 @@ extern "C" __global__ void window_avgpool(const store_t* __restrict__ x, store_t
 
 // qkv (B, H, W, qkv_cols), columns [0, 3*heads*hd) = (q|k|v) x head x hd without bias; out (B, H, W, out_cols),
 // head hd's output in columns hd*head_dim + [0, head_dim)
-extern "C" __global__ void hifi_attention(const store_t* __restrict__ qkv, const store_t* __restrict__ qkv_bias,
+template <int HD>
+__device__ __forceinline__ void hifi_body(const store_t* __restrict__ qkv, const store_t* __restrict__ qkv_bias,
                                           store_t* __restrict__ out, int batch, int height, int width, int qkv_cols,
                                           int out_cols, int heads, int head_dim, int ws, float scale) {
-    int dim = heads * head_dim;
+    const int hd_len = HD ? HD : head_dim;
+    int dim = heads * hd_len;
     FOR_EACH_ELEMENT(e, (long long)batch * height * width * heads) {
         Nhwc at = nhwc_index(e, height, width, heads);
-        int hd = at.c, qo = hd * head_dim, ko = dim + qo, vo = 2 * dim + qo;
+        int hd = at.c, qo = hd * hd_len, ko = dim + qo, vo = 2 * dim + qo;
         const store_t* qrow = qkv + ((at.img * height + at.y) * width + at.x) * qkv_cols;
-        float q[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];
-        for (int j = 0; j < head_dim; ++j) {
+        float q[HeadDim<HD>::STRIDE], acc[HeadDim<HD>::STRIDE];
+#pragma unroll
+        for (int j = 0; j < hd_len; ++j) {
             q[j] = ld(qrow[qo + j]) + ld(qkv_bias[qo + j]);
             acc[j] = 0.0f;
         }
@@ -43,48 +46,89 @@ extern "C" __global__ void hifi_attention(const store_t* __restrict__ qkv, const
             bool inside = ky < height && kx < width;
             const store_t* krow = qkv + ((at.img * height + (inside ? ky : 0)) * width + (inside ? kx : 0)) * qkv_cols;
             float z = 0.0f;
-            for (int j = 0; j < head_dim; ++j) z += q[j] * ((inside ? ld(krow[ko + j]) : 0.0f) + ld(qkv_bias[ko + j]));
+#pragma unroll
+            for (int j = 0; j < hd_len; ++j)
+                z += q[j] * ((inside ? ld(krow[ko + j]) : 0.0f) + ld(qkv_bias[ko + j]));
             z *= scale;
             float grown = fmaxf(top, z), rescale = expf(top - grown), p = expf(z - grown);
             den = den * rescale + p;
-            for (int j = 0; j < head_dim; ++j)
+#pragma unroll
+            for (int j = 0; j < hd_len; ++j)
                 acc[j] = acc[j] * rescale + p * ((inside ? ld(krow[vo + j]) : 0.0f) + ld(qkv_bias[vo + j]));
             top = grown;
         }
         store_t* orow = out + ((at.img * height + at.y) * width + at.x) * out_cols + qo;
-        for (int j = 0; j < head_dim; ++j) orow[j] = st(acc[j] / den);
+#pragma unroll
+        for (int j = 0; j < hd_len; ++j) orow[j] = st(acc[j] / den);
     }
 }
 
+extern "C" __global__ void hifi_attention(const store_t* __restrict__ qkv, const store_t* __restrict__ qkv_bias,
+                                          store_t* __restrict__ out, int batch, int height, int width, int qkv_cols,
+                                          int out_cols, int heads, int head_dim, int ws, float scale) {
+    hifi_body<0>(qkv, qkv_bias, out, batch, height, width, qkv_cols, out_cols, heads, head_dim, ws, scale);
+}
+
+extern "C" __global__ void hifi_attention_hd32(const store_t* __restrict__ qkv, const store_t* __restrict__ qkv_bias,
+                                               store_t* __restrict__ out, int batch, int height, int width,
+                                               int qkv_cols, int out_cols, int heads, int head_dim, int ws,
+                                               float scale) {
+    hifi_body<32>(qkv, qkv_bias, out, batch, height, width, qkv_cols, out_cols, heads, head_dim, ws, scale);
+}
+
 // queries qkv (B, N, qkv_cols) columns [q_col, q_col + heads*hd) without bias; kv (B, M, 2*heads*hd) = (k|v) x
-// head x hd without bias; out (B, N, out_cols), columns out_col + hd*head_dim + [0, head_dim)
+// head x hd without bias; out (B, N, out_cols), columns out_col + hd*head_dim + [0, head_dim).
+// Grid (ceil(N / blockDim.x), heads, B): thread t of block (x, head, img) is query x * blockDim.x + t.
+template <int HD>
+__device__ __forceinline__ void lofi_body(const store_t* __restrict__ qkv, const store_t* __restrict__ q_bias,
+                                          const store_t* __restrict__ kv, const store_t* __restrict__ kv_bias,
+                                          store_t* __restrict__ out, int tokens, int qkv_cols, int q_col, int keys,
+                                          int out_cols, int out_col, int heads, int head_dim, float scale) {
+    constexpr int S = HeadDim<HD>::STRIDE;
+    __shared__ float key_tile[KEY_TILE * S], value_tile[KEY_TILE * S];
+    const int hd_len = HD ? HD : head_dim;
+    int dim = heads * hd_len, head = blockIdx.y, col = head * hd_len;
+    long long img = blockIdx.z, tok = img * tokens + (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    bool live = blockIdx.x * blockDim.x + threadIdx.x < tokens;   // the others only help load the tiles
+    QueryState<HD> query;
+    query.top = __int_as_float(0xff800000);
+    query.den = 0.0f;
+#pragma unroll
+    for (int j = 0; j < hd_len; ++j) {
+        query.q[j] = live ? ld(qkv[tok * qkv_cols + q_col + col + j]) + ld(q_bias[col + j]) : 0.0f;
+        query.acc[j] = 0.0f;
+    }
+    for (int k0 = 0; k0 < keys; k0 += KEY_TILE) {
+        int n = min(KEY_TILE, keys - k0);
+        __syncthreads();                         // every thread is done with the previous tile
+        for (int i = threadIdx.x; i < n * hd_len; i += blockDim.x) {
+            int s = i / hd_len, j = i % hd_len;
+            const store_t* row = kv + (img * keys + k0 + s) * 2 * dim + col;
+            key_tile[s * S + j] = ld(row[j]) + ld(kv_bias[col + j]);
+            value_tile[s * S + j] = ld(row[dim + j]) + ld(kv_bias[dim + col + j]);
+        }
+        __syncthreads();
+        if (live) attend_tile<HD>(query, key_tile, value_tile, n, hd_len, scale, nullptr);
+    }
+    if (!live) return;
+    store_t* orow = out + tok * out_cols + out_col + col;
+#pragma unroll
+    for (int j = 0; j < hd_len; ++j) orow[j] = st(query.acc[j] / query.den);
+}
+
 extern "C" __global__ void lofi_attention(const store_t* __restrict__ qkv, const store_t* __restrict__ q_bias,
                                           const store_t* __restrict__ kv, const store_t* __restrict__ kv_bias,
-                                          store_t* __restrict__ out, int batch, int tokens, int qkv_cols, int q_col,
-                                          int keys, int out_cols, int out_col, int heads, int head_dim, float scale) {
-    int dim = heads * head_dim;
-    FOR_EACH_ELEMENT(e, (long long)batch * tokens * heads) {
-        int hd = (int)(e % heads);
-        long long tok = e / heads, img = tok / tokens;
-        const store_t* qrow = qkv + tok * qkv_cols + q_col + hd * head_dim;
-        float q[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];
-        for (int j = 0; j < head_dim; ++j) {
-            q[j] = ld(qrow[j]) + ld(q_bias[hd * head_dim + j]);
-            acc[j] = 0.0f;
-        }
-        float top = __int_as_float(0xff800000), den = 0.0f;
-        for (int s = 0; s < keys; ++s) {
-            const store_t* krow = kv + (img * keys + s) * 2 * dim + hd * head_dim;
-            float z = 0.0f;
-            for (int j = 0; j < head_dim; ++j) z += q[j] * (ld(krow[j]) + ld(kv_bias[hd * head_dim + j]));
-            z *= scale;
-            float grown = fmaxf(top, z), rescale = expf(top - grown), p = expf(z - grown);
-            den = den * rescale + p;
-            for (int j = 0; j < head_dim; ++j)
-                acc[j] = acc[j] * rescale + p * (ld(krow[dim + j]) + ld(kv_bias[dim + hd * head_dim + j]));
-            top = grown;
-        }
-        store_t* orow = out + tok * out_cols + out_col + hd * head_dim;
-        for (int j = 0; j < head_dim; ++j) orow[j] = st(acc[j] / den);
-    }
+                                          store_t* __restrict__ out, int tokens, int qkv_cols, int q_col, int keys,
+                                          int out_cols, int out_col, int heads, int head_dim, float scale) {
+    lofi_body<0>(qkv, q_bias, kv, kv_bias, out, tokens, qkv_cols, q_col, keys, out_cols, out_col, heads, head_dim,
+                 scale);
+}
+
+extern "C" __global__ void lofi_attention_hd32(const store_t* __restrict__ qkv, const store_t* __restrict__ q_bias,
+                                               const store_t* __restrict__ kv, const store_t* __restrict__ kv_bias,
+                                               store_t* __restrict__ out, int tokens, int qkv_cols, int q_col,
+                                               int keys, int out_cols, int out_col, int heads, int head_dim,
+                                               float scale) {
+    lofi_body<32>(qkv, q_bias, kv, kv_bias, out, tokens, qkv_cols, q_col, keys, out_cols, out_col, heads, head_dim,
+                  scale);
 }

@@ -1,0 +1,57 @@
+// Softmax attention of one query per thread against keys that a block loads together into shared memory, in
+// tiles of KEY_TILE (hilo.cu's Lo-Fi, window_msa.cu). Online softmax, one rescale per tile.
+// HD > 0 fixes head_dim at compile time, so the loops over it unroll and the query and its output row live in
+// registers (the _hd32 kernels: every real model has head_dim 32); HD = 0 takes head_dim at run time, up to
+// MAX_HEAD_DIM, with those rows in local memory.
+#pragma once
+#include "common.cuh"
+
+#define MAX_HEAD_DIM 128
+#define KEY_TILE 32
+
+template <int HD>
+struct HeadDim {
+    static constexpr int STRIDE = HD ? HD : MAX_HEAD_DIM;   // row stride of the shared tiles and query arrays
+};
+
+// the running state of one query: max logit so far (top), sum of exp (den), and acc = sum of exp * v
+template <int HD>
+struct QueryState {
+    float q[HeadDim<HD>::STRIDE], acc[HeadDim<HD>::STRIDE];
+    float top, den;
+};
+
+// keys[s * STRIDE + j], values likewise, s < n (<= KEY_TILE); logit = scale * q.k + bias[s] (bias may be null)
+template <int HD>
+__device__ __forceinline__ void attend_tile(QueryState<HD>& query, const float* keys, const float* values, int n,
+                                            int head_dim, float scale, const store_t* bias) {
+    constexpr int S = HeadDim<HD>::STRIDE;
+    const int hd = HD ? HD : head_dim;
+    float z[KEY_TILE];
+    float tile_top = __int_as_float(0xff800000);   // -inf
+#pragma unroll
+    for (int s = 0; s < KEY_TILE; ++s) {
+        float v = __int_as_float(0xff800000);
+        if (s < n) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < hd; ++j) dot += query.q[j] * keys[s * S + j];
+            v = dot * scale + (bias ? ld(bias[s]) : 0.0f);
+        }
+        z[s] = v;
+        tile_top = fmaxf(tile_top, v);
+    }
+    float grown = fmaxf(query.top, tile_top), rescale = expf(query.top - grown);
+    query.den *= rescale;
+#pragma unroll
+    for (int j = 0; j < hd; ++j) query.acc[j] *= rescale;
+#pragma unroll
+    for (int s = 0; s < KEY_TILE; ++s)
+        if (s < n) {
+            float p = expf(z[s] - grown);
+            query.den += p;
+#pragma unroll
+            for (int j = 0; j < hd; ++j) query.acc[j] += p * values[s * S + j];
+        }
+    query.top = grown;
+}
