@@ -52,8 +52,8 @@ pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable(
 def gpu():
     """(cupy module, torch device name, synchronize())."""
     import torch
+    sys.path.insert(0, harness.TESTS)        # the PyTorch references (and the emulator)
     if DRY_RUN:
-        sys.path.insert(0, harness.TESTS)
         import emulated_cupy
         sys.modules["cupy"] = emulated_cupy.module()
         return sys.modules["cupy"], "cpu", lambda: None
