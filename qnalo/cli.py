@@ -135,12 +135,16 @@ def _add_classify_arguments(parser):
     parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="classes to show (default: 5)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
     parser.add_argument("--batch", type=_positive_int, default=8, metavar="N", help="images per batch (default: 8)")
-    _add_threads_argument(parser)
+    _add_target_arguments(parser)
 
 
-def _add_threads_argument(parser):
+def _add_target_arguments(parser):
     parser.add_argument("--threads", type=_positive_int, metavar="N",
                         help="kernel threads (default: QNALO_NUM_THREADS, else every CPU this process may use)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model runs (default: cpu; cuda needs CuPy and an NVIDIA GPU)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="storage type of weights and activations (default: float32; float16: --device cuda)")
 
 
 def _set_threads(args):
@@ -197,14 +201,15 @@ def _model_for(args):
     import qnalo
     from qnalo import demo
 
+    target = dict(device=args.device, dtype=args.dtype)
     if args.weights and args.model:
-        return qnalo.create_model(args.model, weights=args.weights)
+        return qnalo.create_model(args.model, weights=args.weights, **target)
     if args.weights:
-        return qnalo.load(args.weights)
+        return qnalo.load(args.weights, **target)
     if not args.model:
         raise InputError("no model given; pass --weights FILE (from `qnalo convert`), --model NAME, or --demo")
     if args.model in demo.DEMO_MODELS:
-        return qnalo.load(demo.demo_path(args.model))
+        return qnalo.load(demo.demo_path(args.model), **target)
     if args.model not in qnalo.list_models():
         raise InputError(f"unknown model {args.model!r}; the demo models are {', '.join(demo.DEMO_MODELS)}, "
                          f"the variants {', '.join(qnalo.list_models())}")
@@ -212,7 +217,7 @@ def _model_for(args):
     if not os.path.exists(path):
         raise InputError(f"no converted weights for {args.model} at {path}; convert the official checkpoint "
                          f"there (`qnalo convert {args.model}.pth {path}`) or pass --weights FILE")
-    return qnalo.create_model(args.model, weights=path)
+    return qnalo.create_model(args.model, weights=path, **target)
 
 
 def _weights_folder():
@@ -226,11 +231,12 @@ def _run_demo(args):
     if not args.json:   # --json: stdout is the JSON document alone
         print(f"qnalo classify --demo: two small models trained in PyTorch on scikit-learn's handwritten digits "
               f"(seed {manifest['seed']}), converted with `qnalo convert`; {manifest['heldout_count']} held-out "
-              f"digits, each through its family's official preprocessing at {demo.IMG_SIZE}x{demo.IMG_SIZE}")
+              f"digits, each through its family's official preprocessing at {demo.IMG_SIZE}x{demo.IMG_SIZE}"
+              + ("" if args.device == "cpu" else f"; on {args.device}, {args.dtype}"))
     failed = False
     reports = []
     for name in demo.DEMO_MODELS:
-        r = demo.evaluate(name, batch=args.batch)
+        r = demo.evaluate(name, batch=args.batch, device=args.device, dtype=args.dtype)
         reports.append(r)
         failed |= r["agreement"] < 1.0
         if not args.json:
@@ -306,7 +312,7 @@ def _add_bench_arguments(parser):
     parser.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="images per call (default: 1)")
     parser.add_argument("--calls", type=_positive_int, default=10, metavar="N", help="timed calls (default: 10)")
     parser.add_argument("--size", type=_positive_int, metavar="PX", help="image side (default: the model's)")
-    _add_threads_argument(parser)
+    _add_target_arguments(parser)
 
 
 def _run_bench(args):
@@ -320,6 +326,7 @@ def _run_bench(args):
     from qnalo.models.common import warm_up
 
     _set_threads(args)
+    qnalo.check_dtype(args.device, args.dtype)
     if args.weights:
         from qnalo.models import read_model_file
 
@@ -327,34 +334,49 @@ def _run_bench(args):
     else:
         model_cls, _, config = MODEL_REGISTRY[args.model]
     start = time.perf_counter()
-    warm_up(model_cls, config)   # what every first model of a process pays: the kernels load or compile
+    if args.device == "cpu":
+        warm_up(model_cls, config)   # what every first model of a process pays: the kernels load or compile
     kernels_s = time.perf_counter() - start
     start = time.perf_counter()
+    target = dict(device=args.device, dtype=args.dtype)
     if args.weights:
-        model = qnalo.load(args.weights)
+        model = qnalo.load(args.weights, **target)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # random weights are the point here
-            model = qnalo.create_model(args.model)
+            model = qnalo.create_model(args.model, **target)
     build_s = time.perf_counter() - start
     size = args.size or model.config.img_size
     x = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
-    start = time.perf_counter()
-    model(x)
-    first_s = time.perf_counter() - start
-    times = []
-    for _ in range(args.calls):
+    if args.device == "cpu":
+        finish = _nothing
+    else:   # device arrays in and out, and each call waits for the GPU: kernel time, not copies
+        import cupy
+        x, finish = cupy.asarray(x), cupy.cuda.Device().synchronize
+
+    def call():
         start = time.perf_counter()
         model(x)
-        times.append(time.perf_counter() - start)
+        finish()
+        return time.perf_counter() - start
+    first_s = call()
+    times = [call() for _ in range(args.calls)]
     median = float(np.median(times))
     name = args.weights or f"{args.model} (random weights)"
-    print(f"{name}: {size}x{size}, batch {args.batch}, {_jit.NUM_THREADS} kernel thread(s)")
-    print(f"kernels loaded in {kernels_s:.2f} s (from the cache; a machine's first run compiles them)")
+    where = f"{_jit.NUM_THREADS} kernel thread(s)" if args.device == "cpu" else f"{args.device}, {args.dtype}"
+    print(f"{name}: {size}x{size}, batch {args.batch}, {where}")
+    if args.device == "cpu":
+        print(f"kernels loaded in {kernels_s:.2f} s (from the cache; a machine's first run compiles them)")
+    else:
+        print("CUDA kernels compiled in the first call (CuPy keeps the binaries for the next run)")
     print(f"model built in {build_s:.2f} s, first call {first_s * 1e3:.1f} ms")
     print(f"median of {args.calls} calls: {median * 1e3:.1f} ms per batch, {args.batch / median:.1f} images/s "
           f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f} ms)")
     return 0
+
+
+def _nothing():
+    pass
 
 
 class _NoBar:

@@ -1,5 +1,6 @@
 """The `qnalo` command line: classify (and --demo, the README's first command), convert, info, bench; one clear
 line and a non-zero exit for every kind of bad input."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -143,6 +144,38 @@ def test_bench_times_a_model(capsys):
     assert cli.main(["bench", "--weights", demo.demo_path("qna_vit_digits"), "--batch", "3", "--calls", "2"]) == 0
     out = capsys.readouterr().out
     assert "batch 3" in out and "kernels loaded in" in out and "median of 2 calls" in out and "images/s" in out
+
+
+def test_bench_and_classify_run_on_cuda(cuda_cupy, tmp_path, capsys):
+    """--device cuda (here on the CUDA emulator, and on a GPU where there is one) for bench and classify."""
+    assert cli.main(["bench", "--weights", demo.demo_path("litv2_digits"), "--device", "cuda", "--batch", "2",
+                     "--calls", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2, cuda, float32" in out and "median of 1 calls" in out
+    paths, labels = _digit_files(str(tmp_path), count=2)
+    assert cli.main(["classify", "--model", "qna_vit_digits", "--device", "cuda", "--dtype", "float16", "--json",
+                     *paths]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["top"][0]["label"] for r in report["results"]] == [str(label) for label in labels]
+
+
+def test_the_demo_keeps_every_prediction_on_cuda(cuda_cupy, capsys):
+    assert cli.main(["classify", "--demo", "--device", "cuda", "--json"]) == 0
+    for r in json.loads(capsys.readouterr().out):
+        assert r["device"] == "cuda" and r["agreement"] == 1.0 and r["count"] == 360, r
+
+
+def test_float16_on_the_cpu_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--model", "litv2_s", "--dtype", "float16"]) == 1
+    assert "dtype='float16' runs on device='cuda' only" in capsys.readouterr().err
+    assert cli.main(["classify", "--demo", "--dtype", "float16"]) == 1
+    assert "dtype='float16' runs on device='cuda' only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
+def test_cuda_without_cupy_says_how_to_get_it(capsys):
+    assert cli.main(["classify", "--demo", "--device", "cuda"]) == 1
+    assert "pip install 'qnalo[cuda]'" in capsys.readouterr().err
 
 
 def test_expand_paths(tmp_path):

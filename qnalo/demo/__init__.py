@@ -59,16 +59,17 @@ def preprocess_digits(architecture, images):
     return np.concatenate([official_eval(architecture, IMG_SIZE, digit_picture(d)) for d in images])
 
 
-def evaluate(name, batch=60, latency_calls=20):
-    """Runs demo model `name` on the held-out digits. Returns a dict: params, count, accuracy, agreement (with
-    the recorded PyTorch predictions), disagreements (their indices), load_s (reading the file and loading the
-    kernels, compiling them on a machine's first run), images_per_s at `batch`, latency_ms (median, batch 1)."""
+def evaluate(name, batch=60, latency_calls=20, device="cpu", dtype="float32"):
+    """Runs demo model `name` on the held-out digits (on `device`, storing `dtype`). Returns a dict: params,
+    count, accuracy, agreement (with the recorded PyTorch predictions), disagreements (their indices), load_s
+    (reading the file and loading the kernels, compiling them on a machine's first run), images_per_s at `batch`,
+    latency_ms (median, batch 1); NumPy in and out, so on a GPU the times include the copies."""
     import time
 
     import qnalo
     data = heldout()
     start = time.perf_counter()
-    model = qnalo.load(demo_path(name))
+    model = qnalo.load(demo_path(name), device=device, dtype=dtype)
     load_s = time.perf_counter() - start
     x = preprocess_digits(model.architecture, data["images"])          # (N, 3, 32, 32)
     model(x[:batch])                                                    # first call: buffers, caches
@@ -81,7 +82,8 @@ def evaluate(name, batch=60, latency_calls=20):
         model(x[i:i + 1])
         latencies.append(time.perf_counter() - start)
     recorded = data[f"torch_{name}"]
-    return {"name": name, "architecture": model.architecture, "params": model.num_parameters, "count": len(x),
+    return {"name": name, "architecture": model.architecture, "device": device, "dtype": dtype,
+            "params": model.num_parameters, "count": len(x),
             "accuracy": float((predictions == data["labels"]).mean()),
             "agreement": float((predictions == recorded).mean()),
             "disagreements": np.flatnonzero(predictions != recorded).tolist(), "load_s": load_s,
