@@ -44,9 +44,13 @@ def _module(name, device_id, half):
     cp = cupy()
     with open(os.path.join(SOURCE_DIR, name + ".cu")) as f:
         code = f.read()
-    options = ("-I" + SOURCE_DIR, "--std=c++14") + (("-DQNALO_HALF",) if half else ())
     with cp.cuda.Device(device_id):
-        return cp.RawModule(code=code, options=options)
+        return cp.RawModule(code=code, options=nvrtc_options(half))
+
+
+def nvrtc_options(half):
+    """The NVRTC options every source is compiled with (CuPy adds the device's -arch)."""
+    return ("-I" + SOURCE_DIR, "--std=c++14") + (("-DQNALO_HALF",) if half else ())
 
 
 def _kernel(source, function, dtype):

@@ -2,9 +2,11 @@
 needed), the ops refuse clearly without CuPy, and each op matches its NumPy reference, run twice through the `cp`
 fixture (conftest.py): on the CPU by the CUDA emulator (tests/emulated_cupy: the same .cu compiled with g++, every
 CUDA thread a fiber), and on a GPU with CuPy (marked `gpu`, skipped without one)."""
+import ctypes
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 
@@ -33,6 +35,70 @@ def test_cuda_source_compiles(source, arch, storage, tmp_path):
     out = subprocess.run(["nvcc", "--ptx", f"-arch={arch}", "-I", cuda_ops.SOURCE_DIR, "-Werror", "all-warnings",
                           *half, "-o", str(tmp_path / "out.ptx"), source], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def _nvrtc():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (the test extra), or None."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    found = sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], "cu*", "lib", "libnvrtc.so*")))
+    if not found:
+        return None
+    lib = ctypes.CDLL(found[0])
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+NVRTC = _nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="NVRTC is not installed (the nvidia-cuda-nvrtc wheel of the test extra)")
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("source", SOURCES, ids=[os.path.basename(p) for p in SOURCES])
+def test_cuda_source_compiles_under_nvrtc(source, arch, storage):
+    """The compiler CuPy runs on the user's machine, with cuda_ops's own options: unlike nvcc it has no host
+    headers and no host compiler, so what builds under nvcc may still fail here."""
+    program = ctypes.c_void_p()
+    with open(source, "rb") as f:
+        code = f.read()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(program), code, os.path.basename(source).encode(), 0, None,
+                                    None) == 0
+    try:
+        options = [o.encode() for o in (*cuda_ops.nvrtc_options(storage == "float16"), "-arch=" + arch)]
+        status = NVRTC.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        NVRTC.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        NVRTC.nvrtcGetProgramLog(program, log)
+        assert status == 0, f"{NVRTC.nvrtcGetErrorString(status).decode()}:\n{log.value.decode()}"
+    finally:
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+GENERIC_ATTENTION = {"hifi_attention", "lofi_attention", "window_msa"}   # head_dim at run time: rows in local memory
+RESOURCES = re.compile(r"Function properties for (\w+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                       r"(\d+) bytes spill loads")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+@pytest.mark.parametrize("source", SOURCES, ids=[os.path.basename(p) for p in SOURCES])
+def test_kernels_keep_their_working_sets_in_registers(source, storage, tmp_path):
+    """ptxas's resource report for sm_90: no kernel spills registers, and none but the generic attention kernels
+    (head_dim at run time) has a stack frame, i.e. arrays in local memory: what the _hd32 builds are for."""
+    half = ["-DQNALO_HALF"] if storage == "float16" else []
+    out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "--resource-usage", "-I", cuda_ops.SOURCE_DIR, *half, "-o",
+                          str(tmp_path / "out.cubin"), source], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = RESOURCES.findall(out.stdout + out.stderr)
+    assert report, out.stdout + out.stderr
+    print("\n".join(" ".join(r) for r in report))
+    for kernel, stack, spill_stores, spill_loads in report:
+        assert spill_stores == spill_loads == "0", f"{kernel} spills registers"
+        assert stack == "0" or kernel in GENERIC_ATTENTION, f"{kernel} keeps {stack} bytes in local memory"
 
 
 def test_a_forgotten_conversion_does_not_compile(tmp_path):

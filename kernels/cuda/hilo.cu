@@ -23,6 +23,9 @@ extern "C" __global__ void window_avgpool(const store_t* __restrict__ x, store_t
 
 // qkv (B, H, W, qkv_cols), columns [0, 3*heads*hd) = (q|k|v) x head x hd without bias; out (B, H, W, out_cols),
 // head hd's output in columns hd*head_dim + [0, head_dim)
+// The biases enter once per query, not per key: q.(k + kb) = q.k + q.kb, and since the weights sum to 1,
+// sum_s p_s (v_s + vb) / den = sum_s p_s v_s / den + vb (a padded key is k = v = 0 here); holding the biases
+// through the key loop instead took 167 registers per thread in the _hd32 build.
 template <int HD>
 __device__ __forceinline__ void hifi_body(const store_t* __restrict__ qkv, const store_t* __restrict__ qkv_bias,
                                           store_t* __restrict__ out, int batch, int height, int width, int qkv_cols,
@@ -33,10 +36,11 @@ __device__ __forceinline__ void hifi_body(const store_t* __restrict__ qkv, const
         Nhwc at = nhwc_index(e, height, width, heads);
         int hd = at.c, qo = hd * hd_len, ko = dim + qo, vo = 2 * dim + qo;
         const store_t* qrow = qkv + ((at.img * height + at.y) * width + at.x) * qkv_cols;
-        float q[HeadDim<HD>::STRIDE], acc[HeadDim<HD>::STRIDE];
+        float q[HeadDim<HD>::STRIDE], acc[HeadDim<HD>::STRIDE], q_kb = 0.0f;
 #pragma unroll
         for (int j = 0; j < hd_len; ++j) {
             q[j] = ld(qrow[qo + j]) + ld(qkv_bias[qo + j]);
+            q_kb += q[j] * ld(qkv_bias[ko + j]);
             acc[j] = 0.0f;
         }
         int gy = at.y / ws * ws, gx = at.x / ws * ws;
@@ -45,21 +49,21 @@ __device__ __forceinline__ void hifi_body(const store_t* __restrict__ qkv, const
             int ky = gy + s / ws, kx = gx + s % ws;
             bool inside = ky < height && kx < width;
             const store_t* krow = qkv + ((at.img * height + (inside ? ky : 0)) * width + (inside ? kx : 0)) * qkv_cols;
-            float z = 0.0f;
+            float z = q_kb;
+            if (inside) {
 #pragma unroll
-            for (int j = 0; j < hd_len; ++j)
-                z += q[j] * ((inside ? ld(krow[ko + j]) : 0.0f) + ld(qkv_bias[ko + j]));
+                for (int j = 0; j < hd_len; ++j) z += q[j] * ld(krow[ko + j]);
+            }
             z *= scale;
             float grown = fmaxf(top, z), rescale = expf(top - grown), p = expf(z - grown);
             den = den * rescale + p;
 #pragma unroll
-            for (int j = 0; j < hd_len; ++j)
-                acc[j] = acc[j] * rescale + p * ((inside ? ld(krow[vo + j]) : 0.0f) + ld(qkv_bias[vo + j]));
+            for (int j = 0; j < hd_len; ++j) acc[j] = acc[j] * rescale + (inside ? p * ld(krow[vo + j]) : 0.0f);
             top = grown;
         }
         store_t* orow = out + ((at.img * height + at.y) * width + at.x) * out_cols + qo;
 #pragma unroll
-        for (int j = 0; j < hd_len; ++j) orow[j] = st(acc[j] / den);
+        for (int j = 0; j < hd_len; ++j) orow[j] = st(acc[j] / den + ld(qkv_bias[vo + j]));
     }
 }
 
