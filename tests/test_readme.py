@@ -5,8 +5,9 @@ output (stdout), matched line by line; "..." inside a line matches any text, and
 matches any number of lines. Every ```python block is executed. All blocks run in document order, in one
 folder holding what the examples name: litv2_s.pth (an official-layout LITv2-S checkpoint with seeded random
 weights), photo.jpg (scikit-learn's china.jpg, a real photograph) and digit.png, with QNALO_WEIGHTS pointing at
-that folder. ```bash blocks (the set-up commands, which CI runs itself, and benchmark runs) and ```python-gpu
-blocks (no GPU here) are not run."""
+that folder. ```bash blocks (the set-up commands, which CI runs itself, and benchmark runs) are not run; the
+```python-gpu blocks run after the ```python ones on the CUDA emulator (tests/emulated_cupy), and on a GPU
+with -m gpu."""
 import os
 import re
 import shlex
@@ -90,3 +91,24 @@ def test_output_patterns():
     assert output_pattern(["a ... c", "...", "end"]).fullmatch("a  c\nend\n")
     assert not output_pattern(["a ... c"]).fullmatch("a b d\n")
     assert console_steps("$ qnalo info f\nline 1\n$ qnalo x\n") == [("qnalo info f", ["line 1"]), ("qnalo x", [])]
+
+
+@pytest.mark.torch
+def test_readme_gpu_examples_run_on_cuda(example_folder, cuda_cupy, tmp_path, monkeypatch):
+    import qnalo
+    from qnalo.weights_converter.convert import convert
+    from tolerances import assert_logits_close
+    for name in os.listdir(example_folder):
+        if not name.endswith(".safetensors"):    # a copy of the folder, whatever the other test wrote into it
+            shutil.copyfile(example_folder / name, tmp_path / name)
+    convert(str(tmp_path / "litv2_s.pth"), str(tmp_path / "litv2_s.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    namespace, gpu_logits = {}, []
+    for lang, text in readme_blocks():
+        if lang in ("python", "python-gpu"):
+            exec(compile(text, f"README.md {lang} block", "exec"), namespace)
+            if lang == "python-gpu":
+                gpu_logits.append(namespace["logits"])
+    assert gpu_logits, "README.md lost its GPU example"
+    cpu = qnalo.load("litv2_s.safetensors")
+    assert_logits_close(gpu_logits[0], cpu(namespace["x"]), what="README's GPU example")
