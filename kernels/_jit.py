@@ -159,6 +159,7 @@ class _Workers:
                 fn(*args)
             except BaseException as exc:   # handed to the caller, which raises it
                 self.errors[w] = exc
+            fn = args = None   # the share's arrays are not kept alive while this thread waits for the next one
             state = signal_and_wait(self.counters, flat + DONE, seq, flat + TASK, last + 1, self._spins(),
                                     SETTLE, flat + CALLER_ASLEEP)
 

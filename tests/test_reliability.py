@@ -205,7 +205,9 @@ def test_a_conversion_killed_at_any_moment_leaves_nothing(tmp_path):
     complete = sha256(out / "litv2_s.safetensors")
     (out / "litv2_s.safetensors").unlink()
     kills = 0
-    for fraction in np.linspace(0.05, 0.95, 10):
+    # up to 80 % of the first run's time: later runs start warmer and have been seen finishing before 95 % (7 of
+    # 10 killed on a loaded machine)
+    for fraction in np.linspace(0.05, 0.8, 10):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(whole * fraction)
         proc.send_signal(signal.SIGKILL)
