@@ -14,7 +14,6 @@ from .litv2_config import LITv2Config
 
 LN_EPS = 1e-5
 BN_EPS = 1e-5
-TOKENS_PER_GROUP = 4096   # stage-0 tokens per group of images in stages 0-1 (one 224 image is 3136)
 
 
 def engine_tensor_shapes(cfg: LITv2Config):
@@ -254,12 +253,14 @@ class LITv2(Classifier):
     def _stages(self, x, keep_early=True):
         """Yields (tokens (B*h*w, C), h, w) of each stage before its downsampling.
 
-        Stages 0-1 mix no tokens across images, so large maps run there a few images at a time: their 4C-wide
-        hidden buffers then stay in cache instead of streaming through memory (batch 8 at 224 would make
-        38 MB buffers). Stages 2-3 run on the whole batch, where larger GEMMs pay."""
+        Stages 0-1 mix no tokens across images, so on the CPU large maps run there a few images at a time
+        (ops.tokens_per_group stage-0 tokens; one 224 image has 3136): their 4C-wide hidden buffers then stay in
+        cache instead of streaming through memory (batch 8 at 224 would make 38 MB buffers). Stages 2-3 run on
+        the whole batch, where larger GEMMs pay; on a GPU every stage does."""
         ops = self._ops
         b = x.shape[0]
-        group = max(1, TOKENS_PER_GROUP // (-(-x.shape[2] // 4) * -(-x.shape[3] // 4)))
+        per_image = -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
+        group = b if ops.tokens_per_group is None else max(1, ops.tokens_per_group // per_image)
         early, merged = ([], []), []
         for start in range(0, b, group):
             n = min(group, b - start)

@@ -11,8 +11,10 @@ import numpy as np
 from qnalo.errors import InputError
 from qnalo.kernels import deform_conv, dwconv_gelu, gelu, gelu_tanh, gemm, hilo, layernorm, qna, window_msa
 
+# tokens_per_group: how many stage-0 tokens LITv2 runs through its first two stages at a time (a few images, so
+# that their hidden buffers stay in a CPU's cache; None: the whole batch at once, as a GPU wants)
 NUMBA = SimpleNamespace(
-    xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray,
+    xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
     pack_weight=gemm.PackedWeight,
     matmul=gemm.matmul,
     layernorm=layernorm.layernorm,
@@ -31,7 +33,7 @@ NUMBA = SimpleNamespace(
 )
 
 NUMPY = SimpleNamespace(
-    xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray,
+    xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
     pack_weight=lambda w: w,
     matmul=gemm.matmul_ref,
     layernorm=layernorm.layernorm_ref,
@@ -85,7 +87,7 @@ def _cuda(dtype):
         return out
 
     return SimpleNamespace(
-        xp=cp, dtype=dtype, to_device=lambda a: cp.asarray(a, dtype=dtype),
+        xp=cp, dtype=dtype, tokens_per_group=None, to_device=lambda a: cp.asarray(a, dtype=dtype),
         to_host=lambda a: cp.asnumpy(a).astype(np.float32, copy=False),
         pack_weight=lambda w: cp.asarray(w, dtype=dtype),
         matmul=matmul,
