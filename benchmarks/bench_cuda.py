@@ -45,7 +45,8 @@ def _unavailable():
     return None if torch.cuda.is_available() else "this torch build has no CUDA"
 
 
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
+UNAVAILABLE = _unavailable()
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
 
 
 @pytest.fixture(scope="module")

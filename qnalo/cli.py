@@ -147,6 +147,11 @@ def _add_target_arguments(parser):
                         help="storage type of weights and activations (default: float32; float16: --device cuda)")
 
 
+def _target(args):
+    """The device and dtype keywords of create_model / load that --device and --dtype name."""
+    return dict(device=args.device, dtype=args.dtype)
+
+
 def _set_threads(args):
     if args.threads:
         import qnalo
@@ -201,7 +206,7 @@ def _model_for(args):
     import qnalo
     from qnalo import demo
 
-    target = dict(device=args.device, dtype=args.dtype)
+    target = _target(args)
     if args.weights and args.model:
         return qnalo.create_model(args.model, weights=args.weights, **target)
     if args.weights:
@@ -338,7 +343,7 @@ def _run_bench(args):
         warm_up(model_cls, config)   # what every first model of a process pays: the kernels load or compile
     kernels_s = time.perf_counter() - start
     start = time.perf_counter()
-    target = dict(device=args.device, dtype=args.dtype)
+    target = _target(args)
     if args.weights:
         model = qnalo.load(args.weights, **target)
     else:

@@ -34,9 +34,7 @@ GUARD_BYTES = 1024
 FILL = 0xFF           # NaN in float32 and float16, in every byte position
 SCALAR_TYPES = {"int": np.int32, "unsigned": np.uint32, "unsigned int": np.uint32, "long long": np.int64,
                 "float": np.float32, "double": np.float64}
-C_SCALARS = {np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32, np.int64: ctypes.c_int64,
-             np.float32: ctypes.c_float, np.float64: ctypes.c_double}
-POINTER_TYPES = {"float": np.float32, "double": np.float64, "int": np.int32, "unsigned short": np.float16}
+POINTER_TYPES = {"float": np.float32, "double": np.float64, "int": np.int32}
 # the PTX instructions the kernels use, as the functions cuda_on_cpu.h defines for them
 PTX = {"cvt.f32.f16 %0, %1;": "qnalo_ptx_cvt_f32_f16", "cvt.rn.f16.f32 %0, %1;": "qnalo_ptx_cvt_rn_f16_f32"}
 ASM = re.compile(r'asm\s*\(\s*"([^"]*)"\s*:\s*"=\w"\s*\(([^)]*)\)\s*:\s*"\w"\s*\(([^)]*)\)\s*\)\s*;')
@@ -77,13 +75,13 @@ def _owner(a):
     return a if isinstance(a, _GuardedBuffer) else None
 
 
-def _check_guards(name, a):
+def _check_guards(kernel, name, a):
     raw = _owner(a)
     for side, guard in (("before the start", raw[:GUARD_BYTES]), ("past the end", raw[-GUARD_BYTES:])):
         hit = np.flatnonzero(np.asarray(guard) != FILL)
         if hit.size:
-            raise EmulationError(f"{name}: the kernel wrote {side} of argument {name.split(': ')[-1]} "
-                                 f"({hit.size} guard byte(s) changed)")
+            raise EmulationError(f"{kernel}: the kernel wrote {side} of argument {name} ({hit.size} guard byte(s) "
+                                 "changed)")
 
 
 class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
@@ -99,18 +97,13 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
     ndim = property(lambda self: self._data.ndim)
     size = property(lambda self: self._data.size)
     strides = property(lambda self: self._data.strides)
-    nbytes = property(lambda self: self._data.nbytes)
     flags = property(lambda self: self._data.flags)
-    T = property(lambda self: ndarray(self._data.T))
 
     def __array__(self, *args, **kwargs):
         raise TypeError(IMPLICIT)
 
     def __repr__(self):
         return f"emulated cupy array({self._data!r})"
-
-    def __len__(self):
-        return len(self._data)
 
     def get(self):
         return self._data.copy()
@@ -130,9 +123,6 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
     def astype(self, dtype, copy=True):
         out = self._data.astype(dtype, copy=copy)
         return self if out is self._data else ndarray(out)
-
-    def copy(self):
-        return ndarray(self._data.copy())
 
     def mean(self, *args, **kwargs):
         return _wrap(self._data.mean(*args, **kwargs))
@@ -369,20 +359,20 @@ class RawKernel:
                 if not arg.flags.c_contiguous:
                     raise EmulationError(f"{what}: the kernel indexes it as C-contiguous, got strides {arg.strides}")
                 slots.append(ctypes.c_void_p(arg._data.ctypes.data))
-                arrays.append((what, arg._data))
+                arrays.append((name, arg._data))
             else:
                 if type(arg) is not dtype:
                     raise EmulationError(f"{what} is {ctype}: pass np.{np.dtype(dtype).name}(...), got "
                                          f"{type(arg).__name__} {arg!r}")
-                slots.append(C_SCALARS[dtype](arg.item()))
+                slots.append(np.ctypeslib.as_ctypes_type(dtype)(arg.item()))
         pointers = (ctypes.c_void_p * len(slots))(*[ctypes.addressof(s) for s in slots])
         with _launch_lock:
             self.module._library.qnalo_emu_set_schedule(self.module.schedule)
             failed = self._launch(self._dims("grid", grid), self._dims("block", block), pointers)
         if failed:
             raise EmulationError(f"{self.name}: {self.module._library.qnalo_emu_error().decode()}")
-        for what, data in arrays:
-            _check_guards(what, data)
+        for name, data in arrays:
+            _check_guards(self.name, name, data)
 
 
 # -- the module -------------------------------------------------------------------------------------------------
