@@ -18,7 +18,7 @@ SOURCES = ("layernorm", "bias_act", "dwconv_gelu", "qna", "window_msa", "hilo", 
 MAX_HEAD_DIM = 128          # the attention kernels keep a query and an output row in registers
 QNA_FEATURE_CHUNK = 8       # features per thread in qna.cu (its FEATURE_CHUNK)
 LOFI_QUERIES = 128          # queries (threads) per block of the Lo-Fi kernel, which share its key tiles
-MAX_WINDOW = 32             # window_msa runs a thread per query of a window: at most 1024 per block
+WINDOW_QUERIES = 256        # most threads (queries at once) per block of window_msa: 128 registers each fit
 MAX_GRID_YZ = 65535         # CUDA's limit on the grid's y and z, which carry heads and batch
 BLOCK = 256
 MAX_BLOCKS = 1 << 16          # grid-stride loops cover any size
@@ -193,10 +193,9 @@ def window_msa(qkv, rel_bias, window, heads, out):
     b, h, w, n_cols = _check("qkv", qkv, 4, dt).shape
     d = _head_dim(check_layout(qkv, _check("rel_bias", rel_bias, 3, dt), window, heads))
     _same("out", _check("out", out, 4, dt), (b, h, w, heads * d))
-    if window > MAX_WINDOW or b > MAX_GRID_YZ or heads > MAX_GRID_YZ:
-        raise ValueError(f"window {window}, batch {b}, {heads} heads: the CUDA window MSA takes windows up to "
-                         f"{MAX_WINDOW} and batches and heads up to {MAX_GRID_YZ}")
-    threads = -(-window * window // 32) * 32                  # a thread per query of the window
+    if b > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+        raise ValueError(f"batch {b}, {heads} heads: the CUDA window MSA takes up to {MAX_GRID_YZ} of each")
+    threads = min(WINDOW_QUERIES, -(-window * window // 32) * 32)   # a thread per query, in rounds if need be
     _kernel("window_msa", _attention_kernel("window_msa", d), dt)(
         ((h // window) * (w // window), heads, b), (threads,), (
             qkv, rel_bias, out, np.int32(h), np.int32(w), np.int32(heads), np.int32(d), np.int32(window),

@@ -59,6 +59,17 @@ extern "C" __global__ void scale(float* y, long long n, float by) {
     for (long long i = threadIdx.x; i < n; i += blockDim.x) y[i] *= by;
 }
 
+// a working set of 96 floats in registers: more than a 1024-thread block can hold (64 registers each)
+extern "C" __global__ void register_hungry(const float* x, float* y) {
+    float v[96];
+#pragma unroll
+    for (int j = 0; j < 96; ++j) v[j] = x[j * blockDim.x + threadIdx.x];
+    float total = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 96; ++j) total += v[j] * v[95 - j];
+    y[threadIdx.x] = total;
+}
+
 extern "C" __global__ void skip_odd(float* y, int n) {
     if (threadIdx.x % 2 == 0 && (int)threadIdx.x < n) y[threadIdx.x] = 0.0f;
 }
@@ -140,10 +151,31 @@ def test_empty_arrays_hold_nan_so_unwritten_outputs_show(module):
 
 
 def test_launch_configurations_cuda_refuses_are_refused(module):
-    with pytest.raises(EmulationError, match="invalid launch configuration"):
-        module.get_function("scale")((1,), (2048,), (cp.zeros(4, np.float32), np.int64(4), np.float32(1)))
+    kernel = module.get_function("scale")
+    args = (cp.zeros(4, np.float32), np.int64(4), np.float32(1))
+    for grid, block, message in (((1,), (2048,), r"block \(2048, 1, 1\) is over"),
+                                 ((1,), (64, 1, 65), r"block \(64, 1, 65\) is over"),
+                                 ((1,), (64, 32), "block \\(64, 32, 1\\) has 2048 threads"),
+                                 ((1, 65536), (32,), r"grid \(1, 65536, 1\) is over"),
+                                 ((0,), (32,), "positive")):
+        with pytest.raises(EmulationError, match=message):
+            kernel(grid, block, args)
     with pytest.raises(EmulationError, match="no extern \"C\" __global__ kernel 'missing'"):
         module.get_function("missing")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="register counts come from nvcc's ptxas")
+def test_a_block_that_needs_more_registers_than_a_gpu_has_is_refused(module):
+    registers = module.registers["register_hungry"]
+    assert registers > 64, registers          # else the kernel no longer tests what it says
+    per_warp = -(-registers * 32 // 256) * 256
+    fits = 65536 // per_warp * 32              # the most threads a block of it may have
+    x, y = cp.zeros(96 * 1024, np.float32), cp.zeros(1024, np.float32)
+    kernel = module.get_function("register_hungry")
+    kernel((1,), (fits,), (x, y))
+    with pytest.raises(EmulationError, match=f"too many resources requested for launch: {fits + 32} threads of "
+                                             f"{registers} registers"):
+        kernel((1,), (fits + 32,), (x, y))
 
 
 def test_store_t_follows_the_half_define():

@@ -55,3 +55,17 @@ __device__ __forceinline__ void attend_tile(QueryState<HD>& query, const float* 
         }
     query.top = grown;
 }
+
+// Loads keys and values s < n of the next tile into the block's shared tiles, between the barriers that keep a
+// tile from being overwritten while in use and from being read before it is whole; fetch(s, j, key, value)
+// stores element j of tile key s.
+template <int HD, class Fetch>
+__device__ __forceinline__ void load_tile(float* keys, float* values, int n, int head_dim, Fetch fetch) {
+    constexpr int S = HeadDim<HD>::STRIDE;
+    __syncthreads();                           // every thread is done with the previous tile
+    for (int i = threadIdx.x; i < n * head_dim; i += blockDim.x) {
+        int s = i / head_dim, j = i % head_dim;
+        fetch(s, j, keys[s * S + j], values[s * S + j]);
+    }
+    __syncthreads();
+}

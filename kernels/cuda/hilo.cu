@@ -104,14 +104,11 @@ __device__ __forceinline__ void lofi_body(const store_t* __restrict__ qkv, const
     }
     for (int k0 = 0; k0 < keys; k0 += KEY_TILE) {
         int n = min(KEY_TILE, keys - k0);
-        __syncthreads();                         // every thread is done with the previous tile
-        for (int i = threadIdx.x; i < n * hd_len; i += blockDim.x) {
-            int s = i / hd_len, j = i % hd_len;
+        load_tile<HD>(key_tile, value_tile, n, hd_len, [&](int s, int j, float& key, float& value) {
             const store_t* row = kv + (img * keys + k0 + s) * 2 * dim + col;
-            key_tile[s * S + j] = ld(row[j]) + ld(kv_bias[col + j]);
-            value_tile[s * S + j] = ld(row[dim + j]) + ld(kv_bias[dim + col + j]);
-        }
-        __syncthreads();
+            key = ld(row[j]) + ld(kv_bias[col + j]);
+            value = ld(row[dim + j]) + ld(kv_bias[dim + col + j]);
+        });
         if (live) attend_tile<HD>(query, key_tile, value_tile, n, hd_len, scale, nullptr);
     }
     if (!live) return;

@@ -11,7 +11,10 @@ CUDA thread a fiber, barriers and warp shuffles emulated), and its kernels are c
 - every array has 1 KiB of guard bytes each side, checked after each launch: a write out of bounds fails the
   launch; the guards and `empty` arrays hold NaN (0xFF bytes), so a read out of bounds or of memory the kernel
   never wrote shows up as NaN in the parity tests;
-- a barrier that cannot complete (threads left the kernel or wait elsewhere) fails the launch, where a GPU hangs.
+- a barrier that cannot complete (threads left the kernel or wait elsewhere) fails the launch, where a GPU hangs;
+- a launch over an sm_90 GPU's limits is refused as the GPU refuses it: more than 1024 threads a block, a grid's
+  y or z over 65535, and, where nvcc is installed, more registers than a block may hold (ptxas's count per
+  thread for sm_90, allocated per warp in units of 256, against 65536: "too many resources requested").
 Threads run in one of two orders (module(schedule=...)): "lockstep", every thread to its next barrier in turn,
 or "warps-ahead", one warp at a time, the last first, each as far as it can go, which exposes a missing
 __syncthreads() between one warp's write and another's read.
@@ -19,6 +22,7 @@ What it cannot show: speed, races that neither order exposes, and the GPU's own 
 expf/erff (g++'s libm here); cuBLAS's GEMM is NumPy's (float16 inputs: float32 products, rounded once)."""
 import ctypes
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -41,6 +45,13 @@ ASM = re.compile(r'asm\s*\(\s*"([^"]*)"\s*:\s*"=\w"\s*\(([^)]*)\)\s*:\s*"\w"\s*\
 KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
 IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a NumPy array "
             "explicitly.")   # CuPy's own message
+
+# an sm_90 GPU's launch limits (CUDA C Programming Guide, compute capability 9.0)
+MAX_BLOCK_DIMS, MAX_BLOCK_THREADS = (1024, 1024, 64), 1024
+MAX_GRID_DIMS = (2**31 - 1, 65535, 65535)
+REGISTERS_PER_BLOCK, REGISTER_UNIT = 65536, 256    # registers are allocated to each warp in units of 256
+RESOURCE_ARCH = "sm_90"
+PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'(?:(?!Compiling entry).)*?Used (\d+) registers", re.S)
 
 _launch_lock = threading.Lock()   # the emulator's scheduler state is global to each compiled module
 
@@ -282,11 +293,13 @@ class RawModule:
                 defines.append(option)
             elif not option.startswith("--std="):
                 raise EmulationError(f"NVRTC option {option!r} is not emulated")
+        self.code, self.include_dirs = code, include_dirs
         self.source = _expand(code, include_dirs[0] if include_dirs else os.getcwd(), include_dirs, set(), "code")
         self.half = "-DQNALO_HALF" in defines
         self.defines = defines
         self.kernels = {name: _parameters(params) for name, params in KERNEL.findall(self.source)}
         self._library = None
+        self.registers = None     # {kernel: registers per thread on sm_90}, where nvcc is installed
 
     def _compile(self):
         launchers = []
@@ -319,6 +332,35 @@ class RawModule:
                 os.replace(built, library)
         self._library = ctypes.CDLL(library)
         self._library.qnalo_emu_error.restype = ctypes.c_char_p
+        self.registers = self._registers(folder)
+
+    def _registers(self, folder):
+        """ptxas's registers per thread of each kernel for RESOURCE_ARCH (cached beside the libraries), or None
+        without nvcc."""
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            return None
+        flags = ["-cubin", f"-arch={RESOURCE_ARCH}", "--resource-usage", *self.defines,
+                 *(f"-I{d}" for d in self.include_dirs)]
+        key = hashlib.sha256("\0".join([self.code, *flags]).encode()).hexdigest()[:24]
+        cached = os.path.join(folder, key + ".registers.json")
+        if os.path.exists(cached):
+            with open(cached) as f:
+                return json.load(f)
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            source = os.path.join(work, "unit.cu")
+            with open(source, "w") as f:
+                f.write(self.code)
+            done = subprocess.run([nvcc, *flags, "-o", os.path.join(work, "unit.cubin"), source],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise EmulationError(f"nvcc could not compile the kernels for {RESOURCE_ARCH}:\n{done.stderr}")
+            registers = {name: int(n) for name, n in PTXAS_ENTRY.findall(done.stdout + done.stderr)}
+            written = os.path.join(work, "registers.json")
+            with open(written, "w") as f:
+                json.dump(registers, f)
+            os.replace(written, cached)
+        return registers
 
     def get_function(self, name):
         if name not in self.kernels:
@@ -336,15 +378,35 @@ class RawKernel:
         self._launch = getattr(module._library, "qnalo_launch_" + name)
         self._launch.restype = ctypes.c_int
 
-    def _dims(self, what, dims):
+    def _dims(self, what, dims, limits):
         dims = tuple(dims) + (1,) * (3 - len(tuple(dims)))
-        if len(dims) != 3 or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims):
-            raise EmulationError(f"{self.name}: {what} must be 1 to 3 non-negative ints, got {dims}")
-        return (ctypes.c_uint * 3)(*dims)
+        if len(dims) != 3 or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in dims):
+            raise EmulationError(f"{self.name}: {what} must be 1 to 3 positive ints, got {dims}")
+        if any(d > limit for d, limit in zip(dims, limits)):
+            raise EmulationError(f"{self.name}: {what} {dims} is over an {RESOURCE_ARCH} GPU's limits {limits} "
+                                 "(cudaErrorInvalidValue)")
+        return dims
+
+    def _check_resources(self, block):
+        threads = int(np.prod(block))
+        if threads > MAX_BLOCK_THREADS:
+            raise EmulationError(f"{self.name}: block {block} has {threads} threads, over the {MAX_BLOCK_THREADS} "
+                                 "a GPU takes (cudaErrorInvalidValue)")
+        registers = self.module.registers
+        if registers is not None and self.name in registers:
+            per_warp = -(-registers[self.name] * 32 // REGISTER_UNIT) * REGISTER_UNIT
+            needed = -(-threads // 32) * per_warp
+            if needed > REGISTERS_PER_BLOCK:
+                raise EmulationError(
+                    f"{self.name}: too many resources requested for launch: {threads} threads of "
+                    f"{registers[self.name]} registers ({RESOURCE_ARCH}) need {needed} registers, a block has "
+                    f"{REGISTERS_PER_BLOCK} (cudaErrorLaunchOutOfResources)")
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         if shared_mem:
             raise EmulationError(f"{self.name}: dynamic shared memory is not emulated")
+        grid, block = self._dims("grid", grid, MAX_GRID_DIMS), self._dims("block", block, MAX_BLOCK_DIMS)
+        self._check_resources(block)
         if len(args) != len(self.params):
             raise EmulationError(f"{self.name} takes {len(self.params)} arguments, got {len(args)}")
         slots, arrays = [], []
@@ -368,7 +430,7 @@ class RawKernel:
         pointers = (ctypes.c_void_p * len(slots))(*[ctypes.addressof(s) for s in slots])
         with _launch_lock:
             self.module._library.qnalo_emu_set_schedule(self.module.schedule)
-            failed = self._launch(self._dims("grid", grid), self._dims("block", block), pointers)
+            failed = self._launch((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), pointers)
         if failed:
             raise EmulationError(f"{self.name}: {self.module._library.qnalo_emu_error().decode()}")
         for name, data in arrays:
