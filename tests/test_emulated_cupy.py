@@ -248,3 +248,39 @@ def test_the_warps_ahead_order_shows_a_missing_barrier_that_lockstep_hides():
         got[schedule] = cp.asnumpy(out)
     assert (got["lockstep"] == 7).all()                                            # thread 0 ran first
     assert got["warps-ahead"][0] == 7 and (got["warps-ahead"][1:] == 0).all()     # everyone else read first
+
+
+def _real_cupy():
+    """The installed CuPy (the emulator is put in its place only inside the `cp` fixtures), or a skip."""
+    real = pytest.importorskip("cupy", reason="CuPy is not installed: nothing to compare the emulator with")
+    assert not getattr(real, "emulated", False)
+    return real
+
+
+def test_the_emulator_offers_only_what_cupy_has():
+    """Code that runs on the emulator calls nothing that real CuPy lacks: every function, class, ndarray member
+    and keyword the emulator offers exists in the installed CuPy (checked against CuPy 14.2 without a GPU; runs
+    wherever CuPy is installed, GPU or not)."""
+    import inspect
+    real = _real_cupy()
+    fake = emulated_cupy.module()
+    public = [n for n in vars(fake) if not n.startswith("_") and n not in ("emulated", "cuda")]
+    assert [n for n in public if not hasattr(real, n)] == []
+    for name in ("Device", "runtime"):
+        assert hasattr(real.cuda, name)
+    for name in ("getDeviceCount", "CUDARuntimeError"):
+        assert hasattr(real.cuda.runtime, name)
+    assert hasattr(real.cuda.Device, "synchronize") and hasattr(real.cuda.Device(0), "id")
+    members = [n for n in vars(emulated_cupy.ndarray) if not n.startswith("_")] + ["flags", "strides", "dtype",
+                                                                                   "shape", "ndim", "size"]
+    assert [n for n in members if not hasattr(real.ndarray, n)] == []
+    for name in ("asarray", "asnumpy", "ascontiguousarray", "empty", "empty_like", "zeros", "pad", "concatenate",
+                 "matmul"):
+        ours = inspect.signature(getattr(emulated_cupy, name)).parameters
+        theirs = inspect.signature(getattr(real, name)).parameters
+        # the first (the data) is passed by position; the keywords after it must be CuPy's
+        extra = [p for p in list(ours)[1:] if p not in theirs and ours[p].kind is not inspect.Parameter.VAR_KEYWORD]
+        assert extra == [] or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in theirs.values()), (name, extra)
+    # RawModule and RawKernel are Cython: their signatures are in their docstrings
+    assert "tuple options=()" in real.RawModule.__doc__.splitlines()[0]
+    assert "__call__(self, grid, block, args, \\*, shared_mem=0)" in real.RawKernel.__call__.__doc__

@@ -1,9 +1,9 @@
 """qnalo/models/common.py: the warm-up that loads a model's kernels before its weights, and read-only tensors."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -203,13 +203,46 @@ def test_to_cpu_brings_a_model_back_to_the_numba_kernels(fake_device):
     np.testing.assert_array_equal(model.to(fake_device)(x), reference(x))  # and there again (NumPy's ops)
 
 
-def test_asking_for_cuda_without_cupy_or_a_gpu_is_one_clear_error():
-    if importlib.util.find_spec("cupy") is not None:
-        pytest.skip("CuPy is installed")
+def _cupy_without_a_gpu():
+    """A "cupy" module as the real one behaves on a machine without a driver (checked with CuPy 14.2 here)."""
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def device_count():
+        raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime "
+                               "version")
+
+    module = types.ModuleType("cupy")
+    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=device_count,
+                                                                      CUDARuntimeError=CUDARuntimeError))
+    return module
+
+
+def test_asking_for_cuda_without_cupy_or_a_gpu_is_one_clear_error(monkeypatch):
+    from qnalo.models import ops
+    monkeypatch.setattr(ops, "_DEVICE_OPS", {})
+    monkeypatch.setitem(sys.modules, "cupy", None)               # as if CuPy were not installed
     with pytest.raises(qnalo.InputError, match=r"device='cuda'.*pip install 'qnalo\[cuda\]'"):
+        qnalo.create_model("litv2_s", device="cuda")
+    monkeypatch.setitem(sys.modules, "cupy", _cupy_without_a_gpu())
+    with pytest.raises(qnalo.InputError, match=r"device='cuda': CuPy is installed but finds no NVIDIA GPU "
+                                               r"\(cudaErrorInsufficientDriver.*\); use device='cpu'"):
         qnalo.create_model("litv2_s", device="cuda")
     with pytest.raises(qnalo.InputError, match="unknown device 'tpu'"):
         qnalo.load("whatever.safetensors", device="tpu")
+
+
+def test_cuda_with_the_real_cupy_and_no_gpu_is_the_same_clear_error(monkeypatch):
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("this machine has a GPU")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pass
+    from qnalo.models import ops
+    monkeypatch.setattr(ops, "_DEVICE_OPS", {})
+    with pytest.raises(qnalo.InputError, match="device='cuda': CuPy is installed but finds no NVIDIA GPU"):
+        qnalo.create_model("litv2_s", device="cuda")
 
 
 @pytest.mark.parametrize("name", ["litv2_digits", "qna_vit_digits"])

@@ -79,18 +79,11 @@ def _cuda(dtype):
     if not devices:
         raise InputError(f"device='cuda': CuPy is installed but finds no NVIDIA GPU{why}; use device='cpu'")
 
-    def matmul(x, w, out=None):
-        y = cp.matmul(x, w)
-        if out is None:
-            return y
-        out[...] = y
-        return out
-
     return SimpleNamespace(
         xp=cp, dtype=dtype, tokens_per_group=None, to_device=lambda a: cp.asarray(a, dtype=dtype),
         to_host=lambda a: cp.asnumpy(a).astype(np.float32, copy=False),
         pack_weight=lambda w: cp.asarray(w, dtype=dtype),
-        matmul=matmul,
+        matmul=lambda x, w, out=None: cp.matmul(x, w, out=out),   # cuBLAS writes into out: no copy
         **{name: getattr(cuda_ops, name) for name in (
             "layernorm", "residual_add", "residual_add_layernorm", "bias_gelu", "dwconv3x3_gelu", "deform_sample",
             "window_avgpool", "hifi_attention", "lofi_attention", "bias_gelu_tanh", "qna_windows", "window_msa")},

@@ -196,8 +196,8 @@ def empty(shape, dtype=np.float64):
     return ndarray(_allocate(shape, dtype))
 
 
-def empty_like(a, dtype=None):
-    return empty(a.shape, a.dtype if dtype is None else dtype)
+def empty_like(prototype, dtype=None):
+    return empty(prototype.shape, prototype.dtype if dtype is None else dtype)
 
 
 def zeros(shape, dtype=np.float64):
@@ -284,6 +284,8 @@ class RawModule:
     its kernels run in the thread order `schedule` names (SCHEDULES)."""
 
     def __init__(self, code, options=(), schedule="lockstep"):
+        if not isinstance(options, tuple):   # CuPy's RawModule types it `tuple options` (Cython)
+            raise TypeError(f"Argument 'options' has incorrect type (expected tuple, got {type(options).__name__})")
         self.schedule = SCHEDULES.index(schedule)
         include_dirs, defines = [], []
         for option in options:
@@ -402,7 +404,7 @@ class RawKernel:
                     f"{registers[self.name]} registers ({RESOURCE_ARCH}) need {needed} registers, a block has "
                     f"{REGISTERS_PER_BLOCK} (cudaErrorLaunchOutOfResources)")
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+    def __call__(self, grid, block, args, *, shared_mem=0):
         if shared_mem:
             raise EmulationError(f"{self.name}: dynamic shared memory is not emulated")
         grid, block = self._dims("grid", grid, MAX_GRID_DIMS), self._dims("block", block, MAX_BLOCK_DIMS)
