@@ -86,21 +86,15 @@ def _relative(got, want):
 def models(gpu, tmp_path_factory):
     """name -> (torch model on the device, {dtype: qnalo model on the device}), on the same random weights
     (the reference's state dict through qnalo convert, as the CPU benchmarks do)."""
-    import torch
     import qnalo
-    from qnalo.weights_converter.convert import convert
     _, device, _ = gpu
-    folder = tmp_path_factory.mktemp("cuda_bench")
+    folder = str(tmp_path_factory.mktemp("cuda_bench"))
     made = {}
     for name in MODELS:
-        reference, randomize_ = harness.reference_model(name)
-        reference = randomize_(reference, seed=0).eval()
-        pth, converted = folder / f"{name}.pth", folder / f"{name}.safetensors"
-        torch.save({"model": reference.state_dict()}, pth)
-        convert(str(pth), str(converted))
+        reference, converted = harness.converted_reference(name, folder)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine = {dtype: qnalo.load(str(converted), device="cuda", dtype=dtype) for dtype in ("float32", "float16")}
+            engine = {dtype: qnalo.load(converted, device="cuda", dtype=dtype) for dtype in ("float32", "float16")}
         made[name] = (reference.to(device), engine)
     return made
 

@@ -73,6 +73,19 @@ def reference_model(name=None):
     return litv2_torch.litv2_reference(name), litv2_torch.randomize_
 
 
+def converted_reference(name, folder):
+    """(reference model of `name` with seeded random weights, in eval mode; the path of the same weights
+    converted by `qnalo convert` into `folder`), as every engine of a benchmark gets them."""
+    import torch
+    from qnalo.weights_converter.convert import convert
+    reference, randomize_ = reference_model(name)
+    reference = randomize_(reference, seed=SEED).eval()
+    pth, converted = os.path.join(folder, f"{name}.pth"), os.path.join(folder, f"{name}.safetensors")
+    torch.save({"model": reference.state_dict()}, pth)
+    convert(pth, converted)
+    return reference, converted
+
+
 def build_artifacts(folder, log=print):
     """Everything the engines load. Needs torch; the qnalo file also needs qnalo's converter."""
     art = Artifacts(folder)

@@ -84,10 +84,14 @@ def _cuda(dtype):
         to_host=lambda a: cp.asnumpy(a).astype(np.float32, copy=False),
         pack_weight=lambda w: cp.asarray(w, dtype=dtype),
         matmul=lambda x, w, out=None: cp.matmul(x, w, out=out),   # cuBLAS writes into out: no copy
-        **{name: getattr(cuda_ops, name) for name in (
-            "layernorm", "residual_add", "residual_add_layernorm", "bias_gelu", "dwconv3x3_gelu", "deform_sample",
-            "window_avgpool", "hifi_attention", "lofi_attention", "bias_gelu_tanh", "qna_windows", "window_msa")},
+        **{name: getattr(cuda_ops, name) for name in CUDA_KERNEL_OPS},
     )
+
+
+# the ops device="cuda" takes from qnalo.kernels.cuda_ops (looked up when its op set is made)
+CUDA_KERNEL_OPS = ("layernorm", "residual_add", "residual_add_layernorm", "bias_gelu", "dwconv3x3_gelu",
+                   "deform_sample", "window_avgpool", "hifi_attention", "lofi_attention", "bias_gelu_tanh",
+                   "qna_windows", "window_msa")
 
 
 DEVICES = {"cuda": _cuda}   # device name -> factory(dtype) of its op set
