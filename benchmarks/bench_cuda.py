@@ -146,16 +146,13 @@ def bench_qna_layer(benchmark, gpu, k, engine):
     else:
         w = {n: cp.asarray(a.astype(np.float32)) for n, a in engine_weights(layer.state_dict(), HEADS).items()}
         xc = cp.asarray(x)
-        f = w["w_out"].shape[0]
 
         def run():   # the layer as the model runs it: GEMM, fused windows, GEMM
-            lv = cp.matmul(xc.reshape(-1, CHANNELS), w["w_in"]).reshape(batch, SIZE, SIZE, -1)
-            out = cp.empty((batch, qna.qna_output_size(SIZE, k, 1), qna.qna_output_size(SIZE, k, 1), f), np.float32)
-            cuda_ops.qna_windows(lv, w["rpe"], w["attn_scale"], HEADS, 1, out)
-            return cp.matmul(out.reshape(-1, f), w["w_out"])
+            return qna.qna_layer_with(xc, w["w_in"], w["w_out"], w["rpe"], w["attn_scale"], HEADS, 1,
+                                      cuda_ops.qna_windows, cp.matmul, np.float32, xp=cp)
         with torch.inference_mode():
             want = layer(xt).permute(0, 2, 3, 1).cpu().numpy().reshape(-1, CHANNELS)
-        PARITY[(case, engine)] = _relative(cp.asnumpy(run()), want)
+        PARITY[(case, engine)] = _relative(cp.asnumpy(run()).reshape(-1, CHANNELS), want)
     _time(benchmark, case, engine, batch, run, synchronize)
 
 

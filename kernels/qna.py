@@ -79,11 +79,13 @@ def _layout(n_cols, rpe, attn_scale, heads, stride):
     return ksize, nc // heads, f
 
 
-def _layer(x, w_in, w_out, rpe, attn_scale, heads, stride, windows, matmul, dtype):
+def qna_layer_with(x, w_in, w_out, rpe, attn_scale, heads, stride, windows, matmul, dtype, xp=np):
+    """The whole layer with the given window op, GEMM and compute dtype, on arrays of module xp (NumPy, or
+    CuPy with cuda_ops.qna_windows: benchmarks/bench_cuda.py)."""
     b, h, w, c = x.shape
     ksize, _, f = _layout(w_in.shape[1], rpe, attn_scale, heads, stride)
     lv = matmul(x.reshape(-1, c).astype(dtype, copy=False), w_in.astype(dtype, copy=False))
-    out = np.empty((b, qna_output_size(h, ksize, stride), qna_output_size(w, ksize, stride), f), dtype)
+    out = xp.empty((b, qna_output_size(h, ksize, stride), qna_output_size(w, ksize, stride), f), dtype)
     windows(lv.reshape(b, h, w, w_in.shape[1]), rpe, attn_scale, heads, stride, out)
     return matmul(out.reshape(-1, f), w_out.astype(dtype, copy=False)).reshape(*out.shape[:3], w_out.shape[1])
 
@@ -96,7 +98,7 @@ def _packed_matmul(x, w):
 
 def qna_attention_ref(x, w_in, w_out, rpe, attn_scale, heads, stride):
     """The whole layer (see the module docstring), evaluated in float64; returns x's dtype."""
-    return _layer(x, w_in, w_out, rpe, attn_scale, heads, stride, qna_windows_ref, np.matmul,
+    return qna_layer_with(x, w_in, w_out, rpe, attn_scale, heads, stride, qna_windows_ref, np.matmul,
                   np.float64).astype(x.dtype)
 
 
@@ -134,7 +136,7 @@ def qna_attention(x, w_in, w_out, rpe, attn_scale, heads, stride):
     """Same contract as qna_attention_ref, in float32: qnalo's GEMMs around the fused window kernel."""
     if x.dtype != np.float32:
         raise TypeError(f"qna_attention takes float32 input, got {x.dtype}")
-    return _layer(x, w_in, w_out, rpe, attn_scale, heads, stride, qna_windows, _packed_matmul, np.float32)
+    return qna_layer_with(x, w_in, w_out, rpe, attn_scale, heads, stride, qna_windows, _packed_matmul, np.float32)
 
 
 # The fast path factors each window's exponentials as exp(logit - top_c) * exp(rpe - max rpe_c), with top_c the
