@@ -6,6 +6,7 @@ import numpy as np
 
 from ._jit import kernel, split_rows
 from .gelu import gelu32, gelu_ref
+from .simd import vadd, vfma, vload, vstore
 
 
 def dwconv3x3_gelu_ref(h, pre_bias, weight, bias):
@@ -21,34 +22,71 @@ def dwconv3x3_gelu_ref(h, pre_bias, weight, bias):
 
 
 def dwconv3x3_gelu(h, pre_bias, weight, bias):
-    b, height, width, c = h.shape
+    # the vector loads index these flat
+    h, pre_bias, weight, bias = (np.ascontiguousarray(a) for a in (h, pre_bias, weight, bias))
     out = np.empty_like(h)
+    b, height, width, c = h.shape
     split_rows(_dwconv3x3_gelu_rows, b * height, 30 * width * c, h, pre_bias, weight, bias, out)
     return out
 
 
 @kernel()
 def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
+    """Rows [start, stop) of the B*H output rows. Per pixel, channels in blocks of 64: eight vec8 sums stay in
+    registers over the pixel's in-image taps (eight chains, so the FMA latency overlaps: one chain per 8
+    channels, or the sums in memory, ran at 4.5 cycles a channel), then 8-channel vectors, then single
+    channels; GELU over the pixel's sums. fc1's bias is added to each in-image sample, so padding stays zero."""
     b, height, width, c = h.shape
-    acc = np.empty(c, dtype=np.float32)
+    sums = np.empty(c, np.float32)
+    taps = np.empty(9, np.int64)        # flat offset of each in-image tap's source pixel ...
+    tap_weights = np.empty(9, np.int64)  # ... and of its weights
     for row in range(start, stop):
         n = row // height
         y = row % height
         for x in range(width):
-            for j in range(c):
-                acc[j] = bias[j]
+            valid = 0
             for dy in range(3):
                 yy = y + dy - 1
-                if yy < 0 or yy >= height:
-                    continue
                 for dx in range(3):
                     xx = x + dx - 1
-                    if xx < 0 or xx >= width:
-                        continue
-                    src = h[n, yy, xx]
-                    w = weight[dy, dx]
-                    for j in range(c):
-                        acc[j] += w[j] * (src[j] + pre_bias[j])
+                    if 0 <= yy < height and 0 <= xx < width:
+                        taps[valid] = ((n * height + yy) * width + xx) * c
+                        tap_weights[valid] = (dy * 3 + dx) * c
+                        valid += 1
+            j = 0
+            while j + 64 <= c:
+                a0, a1, a2, a3 = vload(bias, j), vload(bias, j + 8), vload(bias, j + 16), vload(bias, j + 24)
+                a4, a5, a6, a7 = vload(bias, j + 32), vload(bias, j + 40), vload(bias, j + 48), vload(bias, j + 56)
+                for t in range(valid):
+                    s, w = taps[t] + j, tap_weights[t] + j
+                    a0 = vfma(vload(weight, w), vadd(vload(h, s), vload(pre_bias, j)), a0)
+                    a1 = vfma(vload(weight, w + 8), vadd(vload(h, s + 8), vload(pre_bias, j + 8)), a1)
+                    a2 = vfma(vload(weight, w + 16), vadd(vload(h, s + 16), vload(pre_bias, j + 16)), a2)
+                    a3 = vfma(vload(weight, w + 24), vadd(vload(h, s + 24), vload(pre_bias, j + 24)), a3)
+                    a4 = vfma(vload(weight, w + 32), vadd(vload(h, s + 32), vload(pre_bias, j + 32)), a4)
+                    a5 = vfma(vload(weight, w + 40), vadd(vload(h, s + 40), vload(pre_bias, j + 40)), a5)
+                    a6 = vfma(vload(weight, w + 48), vadd(vload(h, s + 48), vload(pre_bias, j + 48)), a6)
+                    a7 = vfma(vload(weight, w + 56), vadd(vload(h, s + 56), vload(pre_bias, j + 56)), a7)
+                vstore(sums, j, a0)
+                vstore(sums, j + 8, a1)
+                vstore(sums, j + 16, a2)
+                vstore(sums, j + 24, a3)
+                vstore(sums, j + 32, a4)
+                vstore(sums, j + 40, a5)
+                vstore(sums, j + 48, a6)
+                vstore(sums, j + 56, a7)
+                j += 64
+            while j + 8 <= c:
+                a0 = vload(bias, j)
+                for t in range(valid):
+                    a0 = vfma(vload(weight, tap_weights[t] + j), vadd(vload(h, taps[t] + j), vload(pre_bias, j)), a0)
+                vstore(sums, j, a0)
+                j += 8
+            for jj in range(j, c):
+                total = bias[jj]
+                for t in range(valid):
+                    total += weight.reshape(-1)[tap_weights[t] + jj] * (h.reshape(-1)[taps[t] + jj] + pre_bias[jj])
+                sums[jj] = total
             dst = out[n, y, x]
-            for j in range(c):
-                dst[j] = gelu32(acc[j])
+            for jj in range(c):
+                dst[jj] = gelu32(sums[jj])

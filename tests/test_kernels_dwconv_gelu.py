@@ -11,6 +11,7 @@ from tolerances import assert_close
 @example(seed=0, b=1, h=56, w=56, c=384)    # LITv2-S stage 0
 @example(seed=1, b=2, h=7, w=7, c=3072)     # stage 3
 @example(seed=2, b=1, h=1, w=1, c=1)
+@example(seed=3, b=2, h=3, w=5, c=139)     # 64-channel blocks, an 8-channel vector and a 3-channel tail
 def test_dwconv3x3_gelu(seed, b, h, w, c):
     rng = np.random.default_rng(seed)
     hidden = rng.standard_normal((b, h, w, c)).astype(np.float32)
@@ -26,3 +27,16 @@ def test_padding_is_zero_not_pre_bias():
     weight = np.ones((3, 3, 1), np.float32)
     out = k.dwconv3x3_gelu(hidden, np.ones(1, np.float32), weight, np.zeros(1, np.float32))
     assert_close(out, k.gelu_ref(np.ones((1, 1, 1, 1))), "dwconv_gelu")
+
+
+def test_strided_inputs_are_read_correctly():
+    """The kernel's vector loads index its arrays flat: views (a channel slice of a wider map, a reversed
+    weight) must give what their contiguous copies give."""
+    rng = np.random.default_rng(4)
+    wide = rng.standard_normal((2, 5, 6, 100)).astype(np.float32)
+    hidden = wide[..., 10:90]
+    weight = rng.standard_normal((3, 3, 80)).astype(np.float32)[::-1]
+    pre_bias, bias = (rng.standard_normal(80).astype(np.float32) for _ in range(2))
+    out = k.dwconv3x3_gelu(hidden, pre_bias, weight, bias)
+    assert_close(out, k.dwconv3x3_gelu_ref(np.ascontiguousarray(hidden), pre_bias, np.ascontiguousarray(weight),
+                                           bias), "dwconv_gelu")
