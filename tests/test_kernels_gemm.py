@@ -22,6 +22,7 @@ def _operands(seed, m, kk, n):
 @example(seed=3, m=196, kk=64, n=64, x_pad=320, out_pad=320)   # h_proj on a column slice, into one
 @example(seed=4, m=1, kk=768, n=1000, x_pad=0, out_pad=0)      # the head, batch 1
 @example(seed=5, m=1, kk=1, n=1, x_pad=0, out_pad=0)
+@example(seed=6, m=400, kk=600, n=37, x_pad=0, out_pad=0)     # x over X_IN_L2: M blocks, K blocks, edge tiles
 def test_matmul(seed, m, kk, n, x_pad, out_pad):
     x, w = _operands(seed, m, kk + x_pad, n)
     x = x[:, x_pad:]                               # rows with a stride wider than the row
