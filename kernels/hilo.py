@@ -14,6 +14,7 @@ import numpy as np
 
 from ._jit import kernel, split_rows
 from .gemm import NR, gemm_block
+from .simd import HAS_AVX512
 from .softmax import softmax_rows_block
 
 
@@ -189,6 +190,7 @@ def _lofi_heads(q, kv, heads, head_dim, scale32, out, start, stop):
             for d in range(head_dim):
                 k_panels[s // NR, d, s % NR] = kv[n, s, col + d]
                 v_panels[d // NR, s, d % NR] = kv[n, s, dim + col + d]
-        gemm_block(q[n, :, col:col + head_dim], k_panels, scores, 0, n_queries, 0, k_panels.shape[0])
+        gemm_block(q[n, :, col:col + head_dim], k_panels, scores, 0, n_queries, 0, k_panels.shape[0], HAS_AVX512)
         softmax_rows_block(scores, scale32, 0, n_queries)
-        gemm_block(scores, v_panels, out[n, :, col:col + head_dim], 0, n_queries, 0, v_panels.shape[0])
+        gemm_block(scores, v_panels, out[n, :, col:col + head_dim], 0, n_queries, 0, v_panels.shape[0],
+                   HAS_AVX512)

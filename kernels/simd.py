@@ -1,6 +1,7 @@
 """Eight-lane float32 vectors for Numba kernels: a `vec8` type held in one AVX register, and the handful of
 operations the GEMM micro-kernel and the QnA window kernel need (load, store, broadcast, fused multiply-add,
-add, multiply).
+add, multiply). Sixteen-lane `vec16` (one AVX-512 register) with the same operations, named w*, for the GEMM on
+CPUs that have AVX-512 (HAS_AVX512); elsewhere LLVM splits them into pairs of AVX registers (correct, slower).
 
 LLVM does not turn a register-blocked GEMM written with scalars into vector code (a scalar 6x16 micro-kernel
 ran at 3.6 GFLOPS); written with these, the loop compiles to broadcast + vfmadd231ps on accumulators that
@@ -12,13 +13,24 @@ Under NUMBA_DISABLE_JIT the same names are plain NumPy functions, so the kernels
 import numba as nb
 import numpy as np
 
-LANES = 8
+LANES, WIDE_LANES = 8, 16
+
+
+def _host_has_avx512():
+    """Whether the code Numba generates here may use AVX-512 (NUMBA_CPU_FEATURES, when set, decides)."""
+    if nb.config.CPU_FEATURES:
+        return "+avx512f" in nb.config.CPU_FEATURES.split(",")
+    import llvmlite.binding as llvm
+    return bool(llvm.get_host_cpu_features().get("avx512f"))
+
+
+HAS_AVX512 = _host_has_avx512()
 
 if nb.config.DISABLE_JIT:
     from numpy.lib.stride_tricks import as_strided
 
-    def _lanes(arr, idx):   # a writable view of the 8 elements at flat offset idx from arr's first element
-        return as_strided(arr, (idx + LANES,), (arr.itemsize,))[idx:]
+    def _lanes(arr, idx, lanes=LANES):   # a writable view of `lanes` elements at flat offset idx from arr's first
+        return as_strided(arr, (idx + lanes,), (arr.itemsize,))[idx:]
 
     def vzero():
         return np.zeros(LANES, np.float32)
@@ -27,7 +39,7 @@ if nb.config.DISABLE_JIT:
         return _lanes(arr, idx).copy()
 
     def vstore(arr, idx, v):
-        _lanes(arr, idx)[:] = v
+        _lanes(arr, idx, len(v))[:] = v
 
     def vbroadcast(arr, idx):
         return np.full(LANES, _lanes(arr, idx)[0], np.float32)
@@ -40,6 +52,17 @@ if nb.config.DISABLE_JIT:
 
     def vmul(a, b):
         return a * b
+
+    def wzero():
+        return np.zeros(WIDE_LANES, np.float32)
+
+    def wload(arr, idx):
+        return _lanes(arr, idx, WIDE_LANES).copy()
+
+    def wbroadcast(arr, idx):
+        return np.full(WIDE_LANES, _lanes(arr, idx)[0], np.float32)
+
+    wstore, wfma, wadd = vstore, vfma, vadd
 
     def transpose8(src, src_at, src_step, dst, dst_at, dst_step):
         block = np.stack([_lanes(src, src_at + r * src_step)[:LANES] for r in range(LANES)])
@@ -67,53 +90,112 @@ else:
         def __init__(self, dmm, fe_type):
             super().__init__(dmm, fe_type, _V8)
 
+    _V16 = ir.VectorType(_F32, WIDE_LANES)
+
+    class Vec16Type(types.Type):
+        def __init__(self):
+            super().__init__(name="vec16f32")
+
+    vec16 = Vec16Type()
+
+    @register_model(Vec16Type)
+    class _Vec16Model(models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            super().__init__(dmm, fe_type, _V16)
+
     def _element_ptr(context, builder, arrty, arr, idx):
         return builder.gep(context.make_array(arrty)(context, builder, arr).data, [idx])
 
-    def _splat(builder, x):
-        v = builder.insert_element(ir.Constant(_V8, ir.Undefined), x, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined), ir.Constant(ir.VectorType(_I32, LANES),
-                                                                                      [0] * LANES))
+    def _splat(builder, x, vt=_V8):
+        v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, vt.count),
+                                                                                    [0] * vt.count))
+
+    # the code of each operation, for either vector type
+    def _zero(vt):
+        return lambda context, builder, sig, args: ir.Constant(vt, [0.0] * vt.count)
+
+    def _load(vt):
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig.args[0], *args)
+            return builder.load(builder.bitcast(ptr, vt.as_pointer()), align=4)
+        return codegen
+
+    def _store(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, args[2].type.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    def _broadcast(vt):
+        def codegen(context, builder, sig, args):
+            return _splat(builder, builder.load(_element_ptr(context, builder, sig.args[0], *args), align=4), vt)
+        return codegen
+
+    def _fma(vt):
+        def codegen(context, builder, sig, args):
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt] * 3),
+                                                 f"llvm.fma.v{vt.count}f32")
+            return builder.call(fma, args)
+        return codegen
+
+    def _add(context, builder, sig, args):
+        return builder.fadd(*args)
 
     @intrinsic
     def vzero(typingctx):
-        return vec8(), lambda context, builder, sig, args: ir.Constant(_V8, [0.0] * LANES)
+        return vec8(), _zero(_V8)
 
     @intrinsic
     def vload(typingctx, arr, idx):
         """arr.flat[idx : idx + 8] (unaligned)."""
-        def codegen(context, builder, sig, args):
-            ptr = _element_ptr(context, builder, sig.args[0], *args)
-            return builder.load(builder.bitcast(ptr, _V8.as_pointer()), align=4)
-        return vec8(arr, idx), codegen
+        return vec8(arr, idx), _load(_V8)
 
     @intrinsic
     def vstore(typingctx, arr, idx, v):
         """arr.flat[idx : idx + 8] = v (unaligned)."""
-        def codegen(context, builder, sig, args):
-            ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-            builder.store(args[2], builder.bitcast(ptr, _V8.as_pointer()), align=4)
-            return context.get_dummy_value()
-        return types.none(arr, idx, v), codegen
+        return types.none(arr, idx, v), _store
 
     @intrinsic
     def vbroadcast(typingctx, arr, idx):
         """arr.flat[idx] in all eight lanes."""
-        def codegen(context, builder, sig, args):
-            return _splat(builder, builder.load(_element_ptr(context, builder, sig.args[0], *args), align=4))
-        return vec8(arr, idx), codegen
+        return vec8(arr, idx), _broadcast(_V8)
 
     @intrinsic
     def vfma(typingctx, a, b, c):
         """a * b + c, fused (one rounding)."""
-        def codegen(context, builder, sig, args):
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8, [_V8] * 3), "llvm.fma.v8f32")
-            return builder.call(fma, args)
-        return vec8(a, b, c), codegen
+        return vec8(a, b, c), _fma(_V8)
 
     @intrinsic
     def vadd(typingctx, a, b):
-        return vec8(a, b), lambda context, builder, sig, args: builder.fadd(*args)
+        return vec8(a, b), _add
+
+    @intrinsic
+    def wzero(typingctx):
+        return vec16(), _zero(_V16)
+
+    @intrinsic
+    def wload(typingctx, arr, idx):
+        """arr.flat[idx : idx + 16] (unaligned)."""
+        return vec16(arr, idx), _load(_V16)
+
+    @intrinsic
+    def wstore(typingctx, arr, idx, v):
+        """arr.flat[idx : idx + 16] = v (unaligned)."""
+        return types.none(arr, idx, v), _store
+
+    @intrinsic
+    def wbroadcast(typingctx, arr, idx):
+        """arr.flat[idx] in all sixteen lanes."""
+        return vec16(arr, idx), _broadcast(_V16)
+
+    @intrinsic
+    def wfma(typingctx, a, b, c):
+        """a * b + c, fused (one rounding)."""
+        return vec16(a, b, c), _fma(_V16)
+
+    @intrinsic
+    def wadd(typingctx, a, b):
+        return vec16(a, b), _add
 
     @intrinsic
     def vmul(typingctx, a, b):

@@ -36,6 +36,28 @@ def test_matmul(seed, m, kk, n, x_pad, out_pad):
     assert_close(k.matmul_ref(x, w), ref, "gemm", what="reference")
 
 
+@given(seed=st.integers(0, 2**32 - 1), m=st.integers(1, 40), kk=st.integers(1, 300), n=st.integers(1, 90),
+       m0=st.integers(0, 7), first_panel=st.integers(0, 2))
+@example(seed=0, m=400, kk=600, n=37, m0=0, first_panel=0)     # x over X_IN_L2: the other loop order
+@example(seed=1, m=49, kk=768, n=3072, m0=0, first_panel=0)    # LITv2-S stage 3
+def test_the_wide_tile_gives_the_same_sums_as_the_narrow_one(seed, m, kk, n, m0, first_panel):
+    """gemm_block's AVX-512 6x32 tile (pairs of panels; it runs, slower, on any x86 CPU) and its 6x16 tile give
+    bit-identical results on any block of rows and panels, odd panel counts and partial tiles included: which
+    one a machine uses changes its speed, not its outputs."""
+    x, w = _operands(seed, m0 + m, kk, n)
+    panels = k.PackedWeight(w).panels
+    p0 = min(first_panel, panels.shape[0] - 1)
+    got = {}
+    for wide in (False, True):
+        y = np.full((m0 + m, n), 7.0, np.float32)
+        k.gemm_block(x, panels, y, m0, m0 + m, p0, panels.shape[0], wide)
+        got[wide] = y
+    np.testing.assert_array_equal(got[True], got[False])
+    assert (got[True][:m0] == 7.0).all() and (got[True][:, :p0 * k.NR] == 7.0).all(), "wrote outside the block"
+    ref = x[m0:].astype(np.float64) @ w[:, p0 * k.NR:].astype(np.float64)
+    assert_close(got[True][m0:, p0 * k.NR:], ref, "gemm")
+
+
 def test_packed_weight_round_trip():
     w = np.random.default_rng(0).standard_normal((37, 21)).astype(np.float32)
     packed = k.PackedWeight(w)
