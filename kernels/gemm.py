@@ -4,14 +4,15 @@ Every linear layer of a model multiplies activations by a fixed weight, so the w
 load time, into panels of 16 columns, (P, K, 16), P = ceil(N / 16), zero-padded: a micro-kernel then reads
 it as one contiguous stream. The loop nest is BLIS's, with the weight already packed and x read in place:
 
-    for each K block (KC)            -> the later blocks add into y
-      for each M block (MC)          -> x[rows, K block] stays in L2
+    for each M block (MC)            -> its partial last tile packed once
+      for each K block (KC)          -> x[rows, K block] stays in L2; the later blocks add into y
         for each weight panel        -> KC x 16, stays in L1 while
           for each 6 rows            -> a 6x16 tile of y: 12 vec8 accumulators in registers
 
-An x small enough to stay in L2 whole (X_IN_L2: batch 1 past stage 0) swaps the two outer loops for the panels:
-each panel is taken over all of K before the next, so the weight, which no cache holds between calls, streams
-from memory once and in order (LITv2-S batch 1: 0.86-0.93x the time of those GEMMs; same sums, same order).
+An x small enough to stay in L2 whole (X_IN_L2: batch 1 past stage 0) is one M block, and its panels and K
+blocks swap: each panel is taken over all of K before the next, so the weight, which no cache holds between
+calls, streams from memory once and in order (LITv2-S batch 1: 0.86-0.93x the time of those GEMMs). Every
+element is summed in the same order in both, so the outputs are the same bits.
 
 Threads split the rows (large M) or the panels (small M) between them; each output element is summed in
 the same order either way, so the result does not depend on the thread count.
@@ -247,12 +248,6 @@ def _panels_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, wide, y, scr
                 _store_edge(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
 
 
-@inline_kernel()
-def _step(p, p1, wide):
-    """How many panels the tile at panel p takes: two where the wide tile is used and two remain."""
-    return 2 if wide and p + 1 < p1 else 1
-
-
 @kernel()
 def gemm_block(x, panels, y, m0, m1, p0, p1, wide):
     """y[m0:m1, panels p0:p1] = x[m0:m1] @ w for the weight packed as `panels` (P, K, 16); `wide`: pairs of
@@ -260,36 +255,26 @@ def gemm_block(x, panels, y, m0, m1, p0, p1, wide):
 
     x's rows may have any stride (its columns are contiguous). Full 6-row tiles read x in place: packing x
     (as BLIS does) measured slower here, a scalar copy costing as much as the products with 4-6 panels. Only
-    the last partial tile is copied, zero-padded to 6 rows."""
+    the last partial tile of each M block is copied, zero-padded to 6 rows."""
     k_total = x.shape[1]
-    rows = m1 - m0
+    k_blocks = -(-k_total // KC)
+    steps = -(-(p1 - p0) // 2) if wide else p1 - p0       # tiles across the panels: pairs, the last maybe single
+    # an x that stays in L2 whole is one M block, and each panel is taken over all of K before the next: the
+    # weight, read once, streams from memory in order (a batch-1 pass past stage 0)
+    whole = (m1 - m0) * k_total <= X_IN_L2
+    block = m1 - m0 if whole else MC
     scratch = np.empty(MR * 2 * NR, np.float32)
-    if rows * k_total <= X_IN_L2:
-        # few rows (a batch-1 pass past stage 0): x stays in L2 whole, so each panel is taken over all of K
-        # before the next, and the weight, read once, streams from memory in order
-        full = rows // MR * MR
-        edge = np.empty(MR * k_total, np.float32)            # the partial tile, zero-padded, for all of K
-        _pack_rows(x, m0 + full, rows - full, 0, k_total, edge)
-        p = p0
-        while p < p1:
-            step = _step(p, p1, wide)
-            for k0 in range(0, k_total, KC):
-                _panels_times_rows(x, m0, rows, k0, min(KC, k_total - k0), edge, k0 * MR, panels, p, step == 2,
-                                   y, scratch)
-            p += step
-        return
-    packed = np.empty(MR * KC, np.float32)
-    for k0 in range(0, k_total, KC):
-        kc = min(KC, k_total - k0)
-        for i0 in range(m0, m1, MC):
-            mc = min(MC, m1 - i0)
-            full = mc // MR * MR
-            _pack_rows(x, i0 + full, mc - full, k0, kc, packed)
-            p = p0
-            while p < p1:
-                step = _step(p, p1, wide)
-                _panels_times_rows(x, i0, mc, k0, kc, packed, 0, panels, p, step == 2, y, scratch)
-                p += step
+    edge = np.empty(MR * k_total, np.float32)                # an M block's partial tile, zero-padded, all of K
+    for i0 in range(m0, m1, block):
+        mc = min(block, m1 - i0)
+        full = mc // MR * MR
+        _pack_rows(x, i0 + full, mc - full, 0, k_total, edge)
+        for step in range(steps * k_blocks):
+            across, down = (step // k_blocks, step % k_blocks) if whole else (step % steps, step // steps)
+            p = p0 + (2 * across if wide else across)
+            k0 = down * KC
+            _panels_times_rows(x, i0, mc, k0, min(KC, k_total - k0), edge, k0 * MR, panels, p,
+                               wide and p + 1 < p1, y, scratch)
 
 
 # From this many rows a GEMM's threads split the rows (each reads all of the weight); below, the panels.
