@@ -13,6 +13,8 @@ subtracted per query row."""
 import numpy as np
 
 from ._jit import kernel, split_rows
+from .gemm import NR, gemm_block
+from .simd import HAS_AVX512
 from .softmax import softmax_rows_block
 
 
@@ -40,27 +42,28 @@ def window_msa_ref(qkv, rel_bias, window, heads, out):
 
 
 def window_msa(qkv, rel_bias, window, heads, out):
-    """Same contract as window_msa_ref, float32; tasks (window, head) split across threads."""
+    """Same contract as window_msa_ref, float32; tasks (window, head) split across threads. Both products of a
+    task run on the GEMM micro-kernel (kernels/gemm.py), its k^T and v packed as weight panels, as Lo-Fi's."""
     d = _check(qkv, rel_bias, window, heads)
     b, h, w, _ = qkv.shape
     tasks = b * (h // window) * (w // window) * heads
     split_rows(_window_heads, tasks, 4 * window ** 4 * d, qkv, np.ascontiguousarray(rel_bias, np.float32),
-               window, heads, np.float32(1.0 / np.sqrt(d)), out)
+               window, heads, np.float32(1.0 / np.sqrt(d)), out, HAS_AVX512)
     return out
 
 
 @kernel()
-def _window_heads(qkv, rel_bias, ws, heads, scale, out, start, stop):
+def _window_heads(qkv, rel_bias, ws, heads, scale, out, wide, start, stop):
     b, h, w, n_cols = qkv.shape
     d = n_cols // (3 * heads)
     gh = h // ws
     gw = w // ws
     seq = ws * ws
-    q = np.empty((seq, d), np.float32)
-    k = np.empty((seq, d), np.float32)
-    v = np.empty((seq, d), np.float32)
+    q = np.empty((seq, d), np.float32)                                # scaled, gathered from the window
+    k_panels = np.zeros((-(-seq // NR), d, NR), np.float32)           # k^T (d, L) as weight panels
+    v_panels = np.zeros((-(-d // NR), seq, NR), np.float32)           # v (L, d)
     scores = np.empty((seq, seq), np.float32)
-    o = np.empty(d, np.float32)
+    o = np.empty((seq, d), np.float32)
     for task in range(start, stop):
         hd = task % heads
         win = task // heads
@@ -72,27 +75,20 @@ def _window_heads(qkv, rel_bias, ws, heads, scale, out, start, stop):
             src = qkv[n, gy * ws + t // ws, gx * ws + t % ws]
             for j in range(d):
                 q[t, j] = src[base + j] * scale
-                k[t, j] = src[base + d + j]
-                v[t, j] = src[base + 2 * d + j]
+                k_panels[t // NR, j, t % NR] = src[base + d + j]
+                v_panels[j // NR, t, j % NR] = src[base + 2 * d + j]
+        gemm_block(q, k_panels, scores, 0, seq, 0, k_panels.shape[0], wide)
         bias = rel_bias[hd]
         for t in range(seq):
-            row = scores[t]
             for s in range(seq):
-                acc = np.float32(0.0)
-                for j in range(d):
-                    acc += q[t, j] * k[s, j]
-                row[s] = acc + bias[t, s]
+                scores[t, s] += bias[t, s]
         softmax_rows_block(scores, np.float32(1.0), 0, seq)
+        gemm_block(scores, v_panels, o, 0, seq, 0, v_panels.shape[0], wide)
         for t in range(seq):
             dst = out[n, gy * ws + t // ws, gx * ws + t % ws]
             for j in range(d):
-                o[j] = 0.0
-            for s in range(seq):
-                ps = scores[t, s]
-                for j in range(d):
-                    o[j] += ps * v[s, j]
-            for j in range(d):
-                dst[hd * d + j] = o[j]
+                dst[hd * d + j] = o[t, j]
+
 
 def relative_bias(table, window):
     """The (heads, L, L) bias of a w x w window from its ((2w-1)^2, heads) table (Swin-style, the official
