@@ -262,7 +262,7 @@ def gemm_block(x, panels, y, m0, m1, p0, p1, wide):
     # an x that stays in L2 whole is one M block, and each panel is taken over all of K before the next: the
     # weight, read once, streams from memory in order (a batch-1 pass past stage 0)
     whole = (m1 - m0) * k_total <= X_IN_L2
-    block = m1 - m0 if whole else MC
+    block = max(m1 - m0, 1) if whole else MC               # (an empty block of rows does nothing)
     scratch = np.empty(MR * 2 * NR, np.float32)
     edge = np.empty(MR * k_total, np.float32)                # an M block's partial tile, zero-padded, all of K
     for i0 in range(m0, m1, block):
