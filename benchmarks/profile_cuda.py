@@ -112,7 +112,8 @@ def profile_qnalo(cp, clock, converted, x):
              f"{len(spans)} timed calls.", "", "| op | calls | GPU ms | share |", "|---|---:|---:|---:|"]
     for label, (ms, calls) in sorted(per_op.items(), key=lambda item: -item[1][0]):
         lines.append(f"| {label} | {calls} | {ms:.3f} | {ms / total:.1%} |")
-    lines.append(f"| the rest (CuPy's elementwise ops, copies) | | {total - counted:.3f} | {(total - counted) / total:.1%} |")
+    rest = total - counted
+    lines.append(f"| the rest (CuPy's elementwise ops, copies) | | {rest:.3f} | {rest / total:.1%} |")
     return lines
 
 

@@ -37,6 +37,7 @@ def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
     channels, or the sums in memory, ran at 4.5 cycles a channel), then 8-channel vectors, then single
     channels; GELU over the pixel's sums. fc1's bias is added to each in-image sample, so padding stays zero."""
     b, height, width, c = h.shape
+    h_flat, w_flat = h.reshape(-1), weight.reshape(-1)
     sums = np.empty(c, np.float32)
     taps = np.empty(9, np.int64)        # flat offset of each in-image tap's source pixel ...
     tap_weights = np.empty(9, np.int64)  # ... and of its weights
@@ -79,13 +80,14 @@ def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
             while j + 8 <= c:
                 a0 = vload(bias, j)
                 for t in range(valid):
-                    a0 = vfma(vload(weight, tap_weights[t] + j), vadd(vload(h, taps[t] + j), vload(pre_bias, j)), a0)
+                    a0 = vfma(vload(weight, tap_weights[t] + j), vadd(vload(h, taps[t] + j), vload(pre_bias, j)),
+                              a0)
                 vstore(sums, j, a0)
                 j += 8
             for jj in range(j, c):
                 total = bias[jj]
                 for t in range(valid):
-                    total += weight.reshape(-1)[tap_weights[t] + jj] * (h.reshape(-1)[taps[t] + jj] + pre_bias[jj])
+                    total += w_flat[tap_weights[t] + jj] * (h_flat[taps[t] + jj] + pre_bias[jj])
                 sums[jj] = total
             dst = out[n, y, x]
             for jj in range(c):
