@@ -276,6 +276,16 @@ def _parameters(params):
     return out
 
 
+def _made_once(folder, inputs, suffix, build):
+    """The file in `folder` made from `inputs` (strings; their hash names it): build(work_dir) makes it in a
+    fresh work folder the first time, and it is moved into place whole."""
+    path = os.path.join(folder, hashlib.sha256("\0".join(inputs).encode()).hexdigest()[:24] + suffix)
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            os.replace(build(work), path)
+    return path
+
+
 SCHEDULES = ("lockstep", "warps-ahead")   # cuda_on_cpu.h's enum Schedule, in order
 
 
@@ -318,21 +328,18 @@ class RawModule:
         if compiler is None:
             raise EmulationError("the CUDA emulator needs g++")
         flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-U_FORTIFY_SOURCE", "-w", *self.defines]
-        key = hashlib.sha256("\0".join([header, unit, *flags]).encode()).hexdigest()[:24]
         folder = os.path.join(tempfile.gettempdir(), f"qnalo-emulated-cuda-{os.getuid()}")
         os.makedirs(folder, exist_ok=True)
-        library = os.path.join(folder, key + ".so")
-        if not os.path.exists(library):
-            with tempfile.TemporaryDirectory(dir=folder) as work:
-                cpp = os.path.join(work, "unit.cpp")
-                with open(cpp, "w") as f:
-                    f.write(unit)
-                built = os.path.join(work, "unit.so")
-                done = subprocess.run([compiler, *flags, "-o", built, cpp], capture_output=True, text=True)
-                if done.returncode:
-                    raise EmulationError(f"g++ could not compile the kernels:\n{done.stderr}")
-                os.replace(built, library)
-        self._library = ctypes.CDLL(library)
+
+        def build(work):
+            cpp, built = os.path.join(work, "unit.cpp"), os.path.join(work, "unit.so")
+            with open(cpp, "w") as f:
+                f.write(unit)
+            done = subprocess.run([compiler, *flags, "-o", built, cpp], capture_output=True, text=True)
+            if done.returncode:
+                raise EmulationError(f"g++ could not compile the kernels:\n{done.stderr}")
+            return built
+        self._library = ctypes.CDLL(_made_once(folder, [header, unit, *flags], ".so", build))
         self._library.qnalo_emu_error.restype = ctypes.c_char_p
         self.registers = self._registers(folder)
 
@@ -344,25 +351,20 @@ class RawModule:
             return None
         flags = ["-cubin", f"-arch={RESOURCE_ARCH}", "--resource-usage", *self.defines,
                  *(f"-I{d}" for d in self.include_dirs)]
-        key = hashlib.sha256("\0".join([self.code, *flags]).encode()).hexdigest()[:24]
-        cached = os.path.join(folder, key + ".registers.json")
-        if os.path.exists(cached):
-            with open(cached) as f:
-                return json.load(f)
-        with tempfile.TemporaryDirectory(dir=folder) as work:
-            source = os.path.join(work, "unit.cu")
+
+        def build(work):
+            source, written = os.path.join(work, "unit.cu"), os.path.join(work, "registers.json")
             with open(source, "w") as f:
                 f.write(self.code)
             done = subprocess.run([nvcc, *flags, "-o", os.path.join(work, "unit.cubin"), source],
                                   capture_output=True, text=True)
             if done.returncode:
                 raise EmulationError(f"nvcc could not compile the kernels for {RESOURCE_ARCH}:\n{done.stderr}")
-            registers = {name: int(n) for name, n in PTXAS_ENTRY.findall(done.stdout + done.stderr)}
-            written = os.path.join(work, "registers.json")
             with open(written, "w") as f:
-                json.dump(registers, f)
-            os.replace(written, cached)
-        return registers
+                json.dump({name: int(n) for name, n in PTXAS_ENTRY.findall(done.stdout + done.stderr)}, f)
+            return written
+        with open(_made_once(folder, [self.code, *flags], ".registers.json", build)) as f:
+            return json.load(f)
 
     def get_function(self, name):
         if name not in self.kernels:
