@@ -22,10 +22,11 @@ per row, still 12 accumulators, now of 32 registers; it sums each element exactl
 the outputs are the same bits either way. On this project's Zen 5 machine it doubled the GEMM's speed
 (one thread, LITv2-S shapes: 87-117 -> 149-210 GFLOP/s).
 
-Alone, on the LITv2 shapes, it runs level with NumPy's OpenBLAS (benchmarks/bench_gemm.py: 0.9-1.15x its time
-on the large shapes, 1.3-1.4x on the small ones, where the thread hand-off is a larger share). In a whole
-LITv2-S pass it is faster: it leaves no BLAS threads spinning on the other core after each call, which had
-slowed the Numba kernels that run between the GEMMs."""
+Alone, on the LITv2 shapes (benchmarks/bench_gemm.py, 2 threads), it took 0.9-1.15x the time of NumPy's
+OpenBLAS on the large shapes and 1.3-1.4x on the small ones with the 6x16 tile on an AVX2-class machine, and
+0.57-1.03x (by the mean) with the 6x32 tile on the Zen 5 one. In a whole LITv2-S pass it also leaves no BLAS
+threads spinning on the other core after each call, which had slowed the Numba kernels that run between the
+GEMMs."""
 import numpy as np
 
 from . import _jit
@@ -146,8 +147,12 @@ def _copy_edge(y, row, col, scratch, width, rows, cols, accumulate):
 
 
 @kernel()
-def _store_edge(y, row, col, acc, rows, cols, accumulate, scratch):
-    """Write (or add) the top-left rows x cols of a 6x16 tile into y[row:, col:], through scratch."""
+def _store(y, row, col, acc, rows, cols, accumulate, scratch):
+    """Write (or add) the top-left rows x cols of a 6x16 tile into y[row:, col:] (through scratch unless whole)."""
+    if rows == MR and cols == NR:
+        ldy = y.strides[0] // 4
+        _store_tile(y, row * ldy + col, ldy, acc, accumulate)
+        return
     for r in range(MR):
         vstore(scratch, NR * r, acc[2 * r])
         vstore(scratch, NR * r + 8, acc[2 * r + 1])
@@ -223,7 +228,7 @@ def _panels_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, wide, y, scr
     """y[i0:i0+mc, panel p, and p+1 if wide] (+)= x[i0:i0+mc, k0:k0+kc] @ those panels' K block: the full
     6-row tiles read x in place, the partial last one reads `edge` (its rows packed, zero-padded to 6, at
     edge_at); the first K block writes, the later ones add."""
-    ldx, ldy = x.strides[0] // 4, y.strides[0] // 4
+    ldx = x.strides[0] // 4
     width = 2 * NR if wide else NR
     cols = min(width, y.shape[1] - p * NR)
     ib = (p * x.shape[1] + k0) * NR
@@ -242,10 +247,7 @@ def _panels_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, wide, y, scr
                 acc = _tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, kc)
             else:
                 acc = _tile(edge, edge_at, 1, MR, panels, ib, kc)
-            if rows == MR and cols == NR:
-                _store_tile(y, (i0 + t * MR) * ldy + p * NR, ldy, acc, k0 > 0)
-            else:
-                _store_edge(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
+            _store(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
 
 
 @kernel()

@@ -99,7 +99,7 @@ def _packed_matmul(x, w):
 def qna_attention_ref(x, w_in, w_out, rpe, attn_scale, heads, stride):
     """The whole layer (see the module docstring), evaluated in float64; returns x's dtype."""
     return qna_layer_with(x, w_in, w_out, rpe, attn_scale, heads, stride, qna_windows_ref, np.matmul,
-                  np.float64).astype(x.dtype)
+                          np.float64).astype(x.dtype)
 
 
 def qna_windows_ref(lv, rpe, attn_scale, heads, stride, out):
