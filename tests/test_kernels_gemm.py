@@ -63,6 +63,19 @@ def test_packed_weight_round_trip():
     packed = k.PackedWeight(w)
     assert packed.panels.shape == (2, 37, 16)
     np.testing.assert_array_equal(packed.unpack(), w)
+    assert (packed.panels[1, :, 21 - 16:] == 0.0).all(), "the last panel's padding columns must be zeros"
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (7, 37, 16), (2, 0, 3)])
+def test_panels_and_new_outputs_start_on_a_cache_line(shape):
+    """gemm.aligned_empty, and through it the packed panels and matmul's own outputs, start 64-byte aligned."""
+    for _ in range(20):      # NumPy's 16-byte alignment lands on a line only now and then: try several
+        a = k.aligned_empty(shape)
+        assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous
+        assert a.ctypes.data % 64 == 0 or a.size == 0
+    w = np.ones((5, 40), np.float32)
+    assert k.PackedWeight(w).panels.ctypes.data % 64 == 0
+    assert k.matmul(np.ones((3, 5), np.float32), k.PackedWeight(w)).ctypes.data % 64 == 0
 
 
 def test_empty_and_zero_depth():

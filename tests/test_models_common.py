@@ -156,10 +156,11 @@ def _fake_device(dtype):
         zeros=lambda *a, **k: dev(np.zeros(*a, **k)), ascontiguousarray=lambda a: dev(np.ascontiguousarray(a)),
         concatenate=lambda arrays, **k: dev(np.concatenate(arrays, **k)), pad=lambda a, w: dev(np.pad(a, w)))
     kernels = {name: checked(name, fn) for name, fn in vars(ops_module.NUMPY).items()
-               if name not in ("xp", "dtype", "tokens_per_group", "to_device", "to_host", "pack_weight", "matmul")}
+               if name not in ("xp", "dtype", "tokens_per_group", "to_device", "to_host", "pack_weight", "empty",
+                                "matmul")}
     return SimpleNamespace(xp=xp, dtype=dtype, tokens_per_group=None, to_device=lambda a: dev(np.array(a, dtype)),
                            to_host=lambda a: np.array(a, np.float32), pack_weight=lambda w: dev(np.array(w, dtype)),
-                           matmul=checked("matmul", matmul, False), **kernels)
+                           empty=lambda shape: dev(np.empty(shape, dtype)), matmul=checked("matmul", matmul, False), **kernels)
 
 
 @pytest.fixture

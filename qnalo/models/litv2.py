@@ -115,7 +115,7 @@ class HiLoAttention:
             ops.lofi_attention(projected, self.q_col, bias[self.q_col:], kv, self.l_kv.bias, self.lo_heads,
                                self.head_dim, self.scale, heads_out, self.hi_dim)
         heads_out = heads_out.reshape(-1, c)
-        out = ops.xp.empty_like(heads_out)
+        out = ops.empty(heads_out.shape)
         if self.hi_heads:
             self.h_proj.matmul(heads_out[:, :self.hi_dim], out[:, :self.hi_dim])
         if self.lo_heads:

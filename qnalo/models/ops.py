@@ -16,6 +16,7 @@ from qnalo.kernels import deform_conv, dwconv_gelu, gelu, gelu_tanh, gemm, hilo,
 NUMBA = SimpleNamespace(
     xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
     pack_weight=gemm.PackedWeight,
+    empty=gemm.aligned_empty,   # a GEMM output: its tiles' vector stores start on cache lines
     matmul=gemm.matmul,
     layernorm=layernorm.layernorm,
     residual_add=layernorm.residual_add,
@@ -35,6 +36,7 @@ NUMBA = SimpleNamespace(
 NUMPY = SimpleNamespace(
     xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
     pack_weight=lambda w: w,
+    empty=lambda shape: np.empty(shape, np.float32),
     matmul=gemm.matmul_ref,
     layernorm=layernorm.layernorm_ref,
     residual_add=layernorm.residual_add_ref,
@@ -83,6 +85,7 @@ def _cuda(dtype):
         xp=cp, dtype=dtype, tokens_per_group=None, to_device=lambda a: cp.asarray(a, dtype=dtype),
         to_host=lambda a: cp.asnumpy(a).astype(np.float32, copy=False),
         pack_weight=lambda w: cp.asarray(w, dtype=dtype),
+        empty=lambda shape: cp.empty(shape, dtype),
         matmul=lambda x, w, out=None: cp.matmul(x, w, out=out),   # cuBLAS writes into out: no copy
         **{name: getattr(cuda_ops, name) for name in CUDA_KERNEL_OPS},
     )
