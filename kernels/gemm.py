@@ -27,6 +27,8 @@ OpenBLAS on the large shapes and 1.3-1.4x on the small ones with the 6x16 tile o
 0.57-1.03x (by the mean) with the 6x32 tile on the Zen 5 one. In a whole LITv2-S pass it also leaves no BLAS
 threads spinning on the other core after each call, which had slowed the Numba kernels that run between the
 GEMMs."""
+import math
+
 import numpy as np
 
 from . import _jit
@@ -46,9 +48,9 @@ ALIGN = 16              # floats (64 bytes, a cache line): where packed panels a
 def aligned_empty(shape):
     """np.empty(shape, float32), its first element on a cache line (NumPy only promises 16 bytes). A 16-lane
     store that straddles two lines costs an Intel core two (an output tile's 12 of them per 6x32 tile):
-    outputs that start 16 or 32 bytes into a line cost LITv2-S's GEMMs ~5-15% on a Sapphire-Rapids-class
-    Xeon, one thread, aligned and unaligned alternating."""
-    size = int(np.prod(shape))
+    outputs that start 16 bytes into a line cost LITv2-S's GEMMs ~5-15% on an Intel Xeon with AVX-512, one
+    thread, aligned and unaligned alternating."""
+    size = math.prod(shape)
     buffer = np.empty(size + ALIGN - 1, np.float32)
     start = (-(buffer.ctypes.data // 4)) % ALIGN
     return buffer[start:start + size].reshape(shape)

@@ -160,7 +160,8 @@ def _fake_device(dtype):
                                 "matmul")}
     return SimpleNamespace(xp=xp, dtype=dtype, tokens_per_group=None, to_device=lambda a: dev(np.array(a, dtype)),
                            to_host=lambda a: np.array(a, np.float32), pack_weight=lambda w: dev(np.array(w, dtype)),
-                           empty=lambda shape: dev(np.empty(shape, dtype)), matmul=checked("matmul", matmul, False), **kernels)
+                           empty=lambda shape: dev(np.empty(shape, dtype)), matmul=checked("matmul", matmul, False),
+                           **kernels)
 
 
 @pytest.fixture
