@@ -69,10 +69,10 @@ def deform_conv2d(x, offset, weight, bias=None):
     dt = x.dtype
     off = offset.reshape(B, 4, 2, Ho, Wo)
     # base sampling positions of tap k = 2i + j at output (ho, wo): (2ho + i, 2wo + j)
-    ki = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=dt).reshape(1, 4, 1, 1)
-    kj = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=dt).reshape(1, 4, 1, 1)
-    gy = (torch.arange(Ho, dtype=dt) * 2.0).reshape(1, 1, Ho, 1)
-    gx = (torch.arange(Wo, dtype=dt) * 2.0).reshape(1, 1, 1, Wo)
+    ki = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=dt, device=x.device).reshape(1, 4, 1, 1)
+    kj = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=dt, device=x.device).reshape(1, 4, 1, 1)
+    gy = (torch.arange(Ho, dtype=dt, device=x.device) * 2.0).reshape(1, 1, Ho, 1)
+    gx = (torch.arange(Wo, dtype=dt, device=x.device) * 2.0).reshape(1, 1, 1, Wo)
     y = (gy + ki) + off[:, :, 0]                      # (B, 4, Ho, Wo), same op order as CUDA
     xx = (gx + kj) + off[:, :, 1]
     inside = (y > -1.0) & (y < float(H)) & (xx > -1.0) & (xx < float(W))
@@ -87,7 +87,7 @@ def deform_conv2d(x, offset, weight, bias=None):
     Hp, Wp = H + 2, W + 2
     y0 = torch.clamp(y0f, -1.0, float(H - 1)).to(torch.int64) + 1
     x0 = torch.clamp(x0f, -1.0, float(W - 1)).to(torch.int64) + 1
-    base = (torch.arange(B, dtype=torch.int64) * (Hp * Wp)).reshape(B, 1, 1, 1)
+    base = (torch.arange(B, dtype=torch.int64, device=x.device) * (Hp * Wp)).reshape(B, 1, 1, 1)
     i00 = base + y0 * Wp + x0
     table = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).reshape(B * Hp * Wp, C)
 
