@@ -182,6 +182,7 @@ def test_dwconv_gelu_matches_numpy(cp, seed, b, h, w, c):
 @example(seed=0, b=1, h=56, w=56, heads=8, hd=8, nq=2, k=3, stride=1, logit_scale=1.0)   # QnA-ViT-tiny stage 0
 @example(seed=1, b=1, h=56, w=56, heads=16, hd=8, nq=2, k=7, stride=2, logit_scale=1.0)
 @example(seed=2, b=2, h=5, w=6, heads=3, hd=19, nq=2, k=3, stride=1, logit_scale=1.0)   # 3 chunks, the last of 3
+@example(seed=3, b=1, h=9, w=7, heads=4, hd=16, nq=3, k=5, stride=2, logit_scale=50.0)  # vector loads, 2 query chunks
 def test_qna_windows_match_numpy(cp, seed, b, h, w, heads, hd, nq, k, stride, logit_scale):
     rng = np.random.default_rng(seed)
     nc, f = nq * heads, heads * hd
@@ -313,6 +314,23 @@ def test_float16_storage_matches_numpy(cp, seed, b, h, w, hd):
           window_msa.window_msa_ref(msa_qkv, rel_bias, ws, heads, msa_out.copy()), "window_msa")
     offsets = _half(rng, b, h // 2, w // 2, 8)
     check(cuda_ops.deform_sample(_h(maps), _h(offsets)), deform_conv.deform_sample_ref(maps, offsets), "deform_sample")
+
+
+@settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), h=st.integers(1, 9), w=st.integers(1, 9), heads=st.integers(1, 4),
+       hd=st.sampled_from([8, 12, 16]), nq=st.integers(1, 3), k=st.sampled_from([3, 5]))
+@example(seed=0, h=14, w=14, heads=8, hd=8, nq=2, k=3)    # QnA-ViT's layout: 16-byte rows, vector loads
+def test_qna_windows_in_float16_match_numpy(cp, seed, h, w, heads, hd, nq, k):
+    """The QnA windows' half-precision loads, vector (8 halves a load where rows are 16-byte aligned) and scalar."""
+    rng = np.random.default_rng(seed)
+    nc, f = nq * heads, heads * hd
+    lv, rpe, scale = _half(rng, 2, h, w, nc + f), _half(rng, k * k, nc), _half(rng, k * k, nc)
+    got = cuda_ops.qna_windows(*(cp.asarray(a.astype(np.float16)) for a in (lv, rpe, scale)), heads, 1,
+                               cp.empty((2, h, w, f), np.float16))
+    assert got.dtype == np.float16
+    assert_close(cp.asnumpy(got).astype(np.float32),
+                 qna.qna_windows_ref(lv, rpe, scale, heads, 1, np.empty((2, h, w, f), np.float32)), "any", "float16",
+                 what="qna_windows")
 
 
 def test_float16_and_float32_cannot_mix_in_one_call(cp):

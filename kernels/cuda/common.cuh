@@ -33,6 +33,26 @@ __device__ __forceinline__ store_t st(float f) {
 }
 #endif
 
+// 8 consecutive elements from p, which must be 16-byte aligned (one or two 16-byte loads instead of 8 scalar ones:
+// a warp's scalar loads at a stride of 8 elements touch 8x the L1 wavefronts its vector loads do)
+__device__ __forceinline__ void load8_aligned(const store_t* p, float v[8]) {
+#ifdef QNALO_HALF
+    uint4 raw = *reinterpret_cast<const uint4*>(p);
+    unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        store_t lo, hi;
+        lo.bits = (unsigned short)(words[k] & 0xffffu);
+        hi.bits = (unsigned short)(words[k] >> 16);
+        v[2 * k] = ld(lo);
+        v[2 * k + 1] = ld(hi);
+    }
+#else
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+#endif
+}
+
 // exact (erf) GELU, as LITv2's nn.GELU
 __device__ __forceinline__ float gelu_erf(float x) {
     return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));

@@ -27,6 +27,12 @@ struct uint3 {
 struct dim3 {
     unsigned int x, y, z;
 };
+struct alignas(16) float4 {   // CUDA's vector types, as aligned as on a GPU
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
 
 static uint3 threadIdx, blockIdx;   // set by the scheduler before it resumes a thread
 static dim3 blockDim, gridDim;
