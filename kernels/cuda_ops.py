@@ -17,6 +17,7 @@ SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 SOURCES = ("layernorm", "bias_act", "dwconv_gelu", "qna", "window_msa", "hilo", "deform_conv")   # kernels/cuda/<name>.cu
 MAX_HEAD_DIM = 128          # the attention kernels keep a query and an output row in registers
 QNA_FEATURE_CHUNK = 8       # features per thread in qna.cu (its FEATURE_CHUNK)
+DWCONV_RUN = 8              # output pixels along a row per thread in dwconv_gelu.cu (its RUN)
 LOFI_QUERIES = 128          # queries (threads) per block of the Lo-Fi kernel, which share its key tiles
 WINDOW_QUERIES = 256        # most threads (queries at once) per block of window_msa: 128 registers each fit
 MAX_GRID_YZ = 65535         # CUDA's limit on the grid's y and z, which carry heads and batch
@@ -153,8 +154,9 @@ def dwconv3x3_gelu(h, pre_bias, weight, bias):
     for name, vec in (("pre_bias", pre_bias), ("bias", bias)):
         _same(name, _check(name, vec, 1, dt), (c,))
     out = cupy().empty_like(h)
-    _kernel("dwconv_gelu", "dwconv3x3_gelu", dt)(_grid(h.size), (BLOCK,), (h, pre_bias, weight, bias, out, np.int32(b),
-                                                                      np.int32(height), np.int32(width), np.int32(c)))
+    runs = b * height * -(-width // DWCONV_RUN) * c
+    _kernel("dwconv_gelu", "dwconv3x3_gelu", dt)(_grid(runs), (BLOCK,), (h, pre_bias, weight, bias, out, np.int32(b),
+                                                                    np.int32(height), np.int32(width), np.int32(c)))
     return out
 
 

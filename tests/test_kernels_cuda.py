@@ -168,6 +168,11 @@ def test_bias_activations_match_numpy(cp, seed, rows, cols):
 @given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), h=st.integers(1, 17), w=st.integers(1, 17),
        c=st.integers(1, 70))
 @example(seed=0, b=1, h=56, w=56, c=384)   # LITv2-S stage 0 hidden
+@example(seed=1, b=2, h=3, w=17, c=5)      # runs of cuda_ops.DWCONV_RUN (8) pixels: two full, then one of 1
+@example(seed=2, b=1, h=2, w=16, c=3)      # two full runs, the last ending at the row's end
+@example(seed=3, b=2, h=1, w=3, c=33)      # H = 1 (no row above or below), W shorter than a run
+@example(seed=4, b=3, h=4, w=1, c=1)       # W = 1, C = 1: a run of one pixel, runs of one channel
+@example(seed=5, b=1, h=7, w=7, c=64)      # LITv2-S stage 3's 7x7: one run of 7 a row
 def test_dwconv_gelu_matches_numpy(cp, seed, b, h, w, c):
     rng = np.random.default_rng(seed)
     x, pre, weight, bias = _rand(rng, b, h, w, c), _rand(rng, c), _rand(rng, 3, 3, c, scale=0.3), _rand(rng, c)

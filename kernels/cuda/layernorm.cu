@@ -56,6 +56,9 @@ extern "C" __global__ void residual_add_layernorm_rows(store_t* __restrict__ x, 
 // x += y + bias (bias broadcast over rows), elementwise
 extern "C" __global__ void residual_add(store_t* __restrict__ x, const store_t* __restrict__ y,
                                         const store_t* __restrict__ bias, long long n, int cols) {
-    FOR_EACH_ELEMENT(i, n)
-        x[i] = st(ld(x[i]) + ld(y[i]) + ld(bias[i % cols]));
+    Column col(cols);
+    FOR_EACH_ELEMENT(i, n) {
+        x[i] = st(ld(x[i]) + ld(y[i]) + ld(bias[col.at]));
+        col.advance();
+    }
 }
