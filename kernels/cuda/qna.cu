@@ -20,18 +20,27 @@
 #define QUERY_CHUNK 2
 #define LOG2E 1.4426950408889634f
 
+// One thread's window and feature chunk: the in-image cells are rows a0 <= a < a1, columns b0 <= b < b1 of the
+// k x k window; `first` points at cell (a0, b0), whose offsets are (a - a0) * row + (b - b0) * n_cols elements;
+// the thread's nf <= FEATURE_CHUNK values start values_col elements into a cell.
+struct Window {
+    const store_t* first;
+    unsigned row, n_cols, nc;
+    int heads, ksize, values_col, nf, a0, a1, b0, b1;
+};
+
 // Adds to total[] the chunk of features this thread owns, weighted by NQ queries (columns c0, c0 + heads, ...)
-// of one window. The window's in-image cells are rows a0 <= a < a1, columns b0 <= b < b1; `first` points at
-// cell (a0, b0), whose offsets are (a - a0) * row + (b - b0) * n_cols elements. Two passes: each query's max and
-// softmax denominator (online: the sum is rescaled when the max grows), then each cell's weights summed over
-// the queries, times its values, so a cell's values cost 8 FMAs whatever NQ is. VECTOR: 8 features in vector
-// loads, else nf <= 8 scalar ones. Logits are scaled by log2(e) once, so each weight is one exp2.
+// of its window. Two passes: each query's max and softmax denominator (online: the sum is rescaled when the max
+// grows), then each cell's weights summed over the queries, times its values, so a cell's values cost 8 FMAs
+// whatever NQ is. VECTOR: 8 features in vector loads, else nf <= 8 scalar ones. Logits are scaled by log2(e)
+// once, so each weight is one exp2.
 template <bool VECTOR, int NQ>
-__device__ __forceinline__ void attend_window(const store_t* __restrict__ first, const store_t* __restrict__ rpe,
-                                              const store_t* __restrict__ attn_scale, int c0, int heads,
-                                              int values_col, int nf, unsigned row, unsigned n_cols, int ksize,
-                                              unsigned nc, int a0, int a1, int b0, int b1,
+__device__ __forceinline__ void attend_window(const Window& win, const store_t* __restrict__ rpe,
+                                              const store_t* __restrict__ attn_scale, int c0,
                                               float total[FEATURE_CHUNK]) {
+    const store_t* first = win.first;
+    unsigned row = win.row, n_cols = win.n_cols, nc = win.nc;
+    int heads = win.heads, ksize = win.ksize, nf = win.nf, a0 = win.a0, a1 = win.a1, b0 = win.b0, b1 = win.b1;
     const store_t* logit[NQ];
     const store_t* bias[NQ];
     const store_t* scale[NQ];
@@ -44,7 +53,7 @@ __device__ __forceinline__ void attend_window(const store_t* __restrict__ first,
         top[q] = __int_as_float(0xff800000);   // -inf (no math headers under NVRTC)
         den[q] = 0.0f;
     }
-    const store_t* values = first + values_col;
+    const store_t* values = first + win.values_col;
     // unsigned offsets: each address is one IMAD.WIDE.U32 from its base, not a sign-extending 64-bit add
     unsigned span = b1 - b0;
     for (unsigned a = a0, off = 0; a < (unsigned)a1; ++a, off += row)
@@ -94,24 +103,22 @@ extern "C" __global__ void qna_windows(const store_t* __restrict__ lv, const sto
         int f0 = hi * d + chunk * FEATURE_CHUNK, nf = min(FEATURE_CHUNK, d - chunk * FEATURE_CHUNK);
         int y0 = i * stride - pad, x0 = j * stride - pad;
         int a0 = max(0, -y0), a1 = min(ksize, height - y0), b0 = max(0, -x0), b1 = min(ksize, width - x0);
-        const store_t* first = lv + ((at.img * height + y0 + a0) * width + x0 + b0) * n_cols;
+        Window win{lv + ((at.img * height + y0 + a0) * width + x0 + b0) * n_cols, (unsigned)(width * n_cols),
+                   (unsigned)n_cols, (unsigned)nc, heads, ksize, nc + f0, nf, a0, a1, b0, b1};
         float total[FEATURE_CHUNK];
 #pragma unroll
         for (int u = 0; u < FEATURE_CHUNK; ++u) total[u] = 0.0f;
         for (int q0 = 0; q0 < nq; q0 += QUERY_CHUNK) {
-            int c0 = q0 * heads + hi, row = width * n_cols;
-            if (vector_loads && nq - q0 >= QUERY_CHUNK)
-                attend_window<true, QUERY_CHUNK>(first, rpe, attn_scale, c0, heads, nc + f0, nf, row, n_cols, ksize,
-                                                 nc, a0, a1, b0, b1, total);
+            int c0 = q0 * heads + hi;
+            bool pair = nq - q0 >= QUERY_CHUNK;
+            if (vector_loads && pair)
+                attend_window<true, QUERY_CHUNK>(win, rpe, attn_scale, c0, total);
             else if (vector_loads)
-                attend_window<true, 1>(first, rpe, attn_scale, c0, heads, nc + f0, nf, row, n_cols, ksize, nc, a0,
-                                       a1, b0, b1, total);
-            else if (nq - q0 >= QUERY_CHUNK)
-                attend_window<false, QUERY_CHUNK>(first, rpe, attn_scale, c0, heads, nc + f0, nf, row, n_cols,
-                                                  ksize, nc, a0, a1, b0, b1, total);
+                attend_window<true, 1>(win, rpe, attn_scale, c0, total);
+            else if (pair)
+                attend_window<false, QUERY_CHUNK>(win, rpe, attn_scale, c0, total);
             else
-                attend_window<false, 1>(first, rpe, attn_scale, c0, heads, nc + f0, nf, row, n_cols, ksize, nc, a0,
-                                        a1, b0, b1, total);
+                attend_window<false, 1>(win, rpe, attn_scale, c0, total);
         }
         store_t* o = out + ((at.img * out_h + i) * out_w + j) * features + f0;
 #pragma unroll
