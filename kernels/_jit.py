@@ -64,11 +64,16 @@ kernel = functools.partial(nb.njit, cache=CACHE, fastmath=FASTMATH, error_model=
 inline_kernel = functools.partial(kernel, inline="always")
 
 
+def available_cpus():
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _default_threads():
     for name in ("QNALO_NUM_THREADS", "NUMBA_NUM_THREADS"):
         if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
             return int(os.environ[name])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return available_cpus()
 
 
 NUM_THREADS = _default_threads()

@@ -11,15 +11,14 @@
 import dataclasses
 import warnings
 
-from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError
-from .models import MODEL_REGISTRY, read_model_file
+from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError, VariantMismatchError
+from .models import MODEL_REGISTRY, read_model_file, read_variant_file
 from .models.ops import check_dtype, device_ops, get_ops
-from .weights import read_weights
 
 __version__ = "0.1.0"
 
 __all__ = ["list_models", "create_model", "load", "set_num_threads", "QnaloError", "InputError", "CheckpointError",
-           "UnsafeCheckpointError"]
+           "UnsafeCheckpointError", "VariantMismatchError"]
 
 
 def list_models():
@@ -35,17 +34,33 @@ def set_num_threads(n):
         _jit.set_num_threads(n)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    if n > _jit.available_cpus():   # threads beyond the CPUs take turns, and every split waits for the last one
+        cpus = _jit.available_cpus()
+        warnings.warn(f"qnalo: {n} kernel threads but only {cpus} CPUs this process may use; the extra threads "
+                      f"take turns, which is slower than {cpus}", stacklevel=2)
 
 
 def create_model(name, weights=None, backend="numba", device="cpu", dtype="float32", **overrides):
-    """Build a registered variant. `weights`: a qnalo weights file (from `qnalo convert`); without it the
-    model gets random weights and a warning, and `overrides` may replace config fields (e.g. num_classes=10);
-    a weights file carries its own config, which must be this variant's architecture.
+    """Build a registered variant (see list_models) or an embedded demo model (qnalo.demo.DEMO_MODELS, with its
+    own weights). `weights`: a qnalo weights file (from `qnalo convert`), which must hold this variant; without
+    it a variant gets random weights and a warning, and `overrides` may replace config fields (e.g.
+    num_classes=10), while a weights file carries its own config.
     backend: "numba" (fast kernels) or "numpy" (the plain reference ops), the CPU's op set.
     device: "cpu", or "cuda" (CuPy and an NVIDIA GPU; see model.to); dtype: "float32", or "float16" on CUDA
     (half-precision storage, float32 arithmetic)."""
-    if name not in MODEL_REGISTRY:
-        raise InputError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    from . import demo
+    if name not in MODEL_REGISTRY and name not in demo.DEMO_MODELS:
+        raise InputError(f"unknown model {name!r}; available: {', '.join(list_models())}, and the embedded demo "
+                         f"models {', '.join(demo.DEMO_MODELS)} (qnalo.demo.demo_path(name) gives their files)")
+    if name in demo.DEMO_MODELS and weights is None:
+        weights = demo.demo_path(name)
+    if weights is not None:
+        if overrides:
+            raise InputError(f"config overrides ({', '.join(sorted(overrides))}) apply to random weights only; "
+                             "a weights file carries its own config")
+        _check_target(backend, device, dtype)
+        model_cls, config, tensors, source = read_variant_file(name, weights)
+        return _build(model_cls, config, tensors, backend, device, dtype, source)
     model_cls, config_cls, config = MODEL_REGISTRY[name]
     unknown = set(overrides) - {f.name for f in dataclasses.fields(config_cls)}
     if unknown:
@@ -54,27 +69,10 @@ def create_model(name, weights=None, backend="numba", device="cpu", dtype="float
         config = config.replace(**overrides)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid config overrides for {name}: {exc}") from None
-    _check_target(backend, device, dtype)   # before any weights are made or read
-    if weights is None:
-        warnings.warn(f"qnalo: {name} created with random weights; pass weights= a converted file "
-                      "(see `qnalo convert`) for real predictions", stacklevel=2)
-        return _build(model_cls, config, model_cls.random_tensors(config), backend, device, dtype, {"variant": name})
-    if overrides:
-        raise InputError(f"config overrides ({', '.join(sorted(overrides))}) apply to random weights only; "
-                         "a weights file carries its own config")
-    tensors, architecture, file_config, source = read_weights(weights)
-    if architecture != model_cls.architecture:
-        raise CheckpointError(f"{weights}: holds a {architecture!r} model, not {name}; load it by itself "
-                              "(qnalo.load(path), or without --model)")
-    file_config = config_cls.from_file(weights, file_config)
-    different = [f.name for f in dataclasses.fields(config_cls) if f.name in config_cls.ARCHITECTURE_FIELDS
-                 and getattr(file_config, f.name) != getattr(config, f.name)]
-    if different:
-        held = source.get("variant") or "a different configuration"
-        raise CheckpointError(f"{weights}: holds {held} weights, not {name} (differs in {', '.join(different)}); "
-                              "load it by itself (qnalo.load(path), or without --model)")
-    # the file's own config wins for what the variant leaves open: classes, dense norms, resolution
-    return _build(model_cls, file_config, tensors, backend, device, dtype, source)
+    _check_target(backend, device, dtype)   # before any weights are made
+    warnings.warn(f"qnalo: {name} created with random weights; pass weights= a converted file "
+                  "(see `qnalo convert`) for real predictions", stacklevel=2)
+    return _build(model_cls, config, model_cls.random_tensors(config), backend, device, dtype, {"variant": name})
 
 
 def load(path, backend="numba", device="cpu", dtype="float32"):

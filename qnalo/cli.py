@@ -1,22 +1,40 @@
 """The `qnalo` command line. Subcommands: classify (and classify --demo), convert, info, bench.
 
 Every subcommand registers itself in `_SUBCOMMANDS` with a function adding its arguments and one running it.
-An error on bad input prints one line, `qnalo: error: <message>`, to stderr and exits with status 1; usage
-errors exit with status 2 (argparse).
+Every error is one line on stderr, `qnalo: error: <message>`: bad input (a missing or damaged file, weights of
+another model) exits with status 1, a wrong command line (an unknown option, a missing argument, options that
+do not go together) with status 2. Output into a pipe that closes early (`| head`) ends quietly.
 """
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 
-from qnalo.errors import InputError, QnaloError
+from qnalo import __version__
+from qnalo.errors import InputError, QnaloError, VariantMismatchError
 
 _HANDLED_ERRORS = (QnaloError, OSError)  # OSError covers FileExistsError and FileNotFoundError
+_USAGE_STATUS = 2
+_BROKEN_PIPE_STATUS = 128 + 13   # what a shell reports for a process ended by SIGPIPE
+
+
+class UsageError(InputError):
+    """A command line that asks for something impossible: exit status 2, as argparse's own errors."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other error of the command."""
+
+    def error(self, message):
+        print(f"qnalo: error: {' '.join(message.split())} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(_USAGE_STATUS)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="qnalo", description="CPU inference for LITv2 and QnA-ViT, without PyTorch.")
+    parser = _Parser(prog="qnalo", description="CPU inference for LITv2 and QnA-ViT, without PyTorch.")
+    parser.add_argument("--version", action="version", version=f"qnalo {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in _SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -27,7 +45,7 @@ def main(argv=None):
 
 def convert_main(argv=None, prog="python -m qnalo.weights_converter"):
     """`qnalo convert` as a program of its own (python -m qnalo.weights_converter)."""
-    parser = argparse.ArgumentParser(prog=prog, description=_CONVERT_HELP)
+    parser = _Parser(prog=prog, description=_CONVERT_HELP)
     _add_convert_arguments(parser)
     parser.set_defaults(run=_run_convert)
     return _run(parser, argv)
@@ -37,15 +55,41 @@ def _run(parser, argv):
     args = parser.parse_args(argv)
     warnings.showwarning = _one_line_warning
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()   # here, not at exit, so that a closed pipe is seen below
+        return status
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, and keep Python's exit-time flush from reporting it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _BROKEN_PIPE_STATUS
+    except UsageError as exc:
+        _print_error(exc)
+        return _USAGE_STATUS
+    except VariantMismatchError as exc:
+        _print_error(f"{exc.what}; drop --model to use the file as it is")
+        return 1
     except _HANDLED_ERRORS as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
-        print(f"qnalo: error: {message}", file=sys.stderr)
+        _print_error(exc)
         return 1
 
 
+def _print_error(error):
+    message = " ".join(str(error).split()) or type(error).__name__   # one line, whatever the message holds
+    print(f"qnalo: error: {_in_cli_words(message)}", file=sys.stderr)
+
+
+# The library names its keyword arguments as Python spells them (force=True, device='cuda'); the command line
+# names the options that set them.
+_KEYWORD_OPTIONS = re.compile(r"\b(force|device|dtype)=(True\b|'([^']*)')")
+
+
+def _in_cli_words(message):
+    return _KEYWORD_OPTIONS.sub(lambda m: f"--{m[1]}" + (f" {m[3]}" if m[3] is not None else ""), message)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"qnalo: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    text = " ".join(str(message).split()).removeprefix("qnalo: ")   # the library's warnings name it already
+    print(f"qnalo: warning: {_in_cli_words(text)}", file=sys.stderr)
 
 
 _CONVERT_HELP = ("Convert an official checkpoint (.pth or .safetensors state dict, or a Flax checkpoint_<step> file or "
@@ -132,7 +176,8 @@ def _add_classify_arguments(parser):
     which.add_argument("--demo", action="store_true",
                        help="run both embedded demo models on the held-out digits: accuracy, speed, and agreement "
                             "with the PyTorch predictions recorded at training time")
-    parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="classes to show (default: 5)")
+    parser.add_argument("--top", type=_positive_int, metavar="K",
+                        help=f"classes to show (default: {DEFAULT_TOP}, or every class of a smaller head)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
     parser.add_argument("--batch", type=_positive_int, default=8, metavar="N", help="images per batch (default: 8)")
     _add_target_arguments(parser)
@@ -158,16 +203,20 @@ def _set_threads(args):
         qnalo.set_num_threads(args.threads)
 
 
+DEFAULT_TOP = 5
+
+
 def _run_classify(args):
     _set_threads(args)
     if args.demo:
-        if args.images or args.weights or args.model:
-            raise InputError("--demo runs the embedded models on their own images; give it no IMAGE, --weights "
-                             "or --model")
+        if args.images or args.weights or args.model or args.top:
+            raise UsageError("--demo runs the embedded models on their own images; give it no IMAGE, --weights, "
+                             "--model or --top")
         return _run_demo(args)
     if not args.images:
-        raise InputError("no IMAGE given; name image files, folders or globs (or run `qnalo classify --demo`)")
+        raise UsageError("no IMAGE given; name image files, folders or globs (or run `qnalo classify --demo`)")
     model = _model_for(args)
+    top = _top_for(args, model)
     from qnalo.classify import classify_files, expand_paths
 
     files, problems = expand_paths(args.images)
@@ -175,7 +224,7 @@ def _run_classify(args):
         _report(f"{item}: {message}")
     results = []
     with _progress(total=len(files), unit="image", enabled=len(files) > 1 and not args.json) as bar:
-        for result in classify_files(model, files, top=args.top, batch=args.batch, progress=bar.update):
+        for result in classify_files(model, files, top=top, batch=args.batch, progress=bar.update):
             results.append(result)
             if "error" in result:
                 _report(f"{result['image']}: {result['error']}", bar)
@@ -188,6 +237,20 @@ def _run_classify(args):
     if failed:
         _report(f"{failed} of {len(problems) + len(results)} inputs could not be classified")
     return 1 if failed else 0
+
+
+def _top_for(args, model):
+    """How many classes to show: --top, which the head must have, else the default or all of a smaller head."""
+    classes = model.config.num_classes
+    if not classes:
+        raise InputError(f"{args.weights or args.model} is a backbone without a classifier head "
+                         "(forward_features only); classify needs a classification model")
+    if args.top is None:
+        return min(DEFAULT_TOP, classes)
+    if args.top > classes:
+        raise UsageError(f"--top {args.top} asks for more classes than the model has ({classes}); "
+                         f"pass --top {classes} or less")
+    return args.top
 
 
 def _format_result(result):
@@ -212,11 +275,11 @@ def _model_for(args):
     if args.weights:
         return qnalo.load(args.weights, **target)
     if not args.model:
-        raise InputError("no model given; pass --weights FILE (from `qnalo convert`), --model NAME, or --demo")
+        raise UsageError("no model given; pass --weights FILE (from `qnalo convert`), --model NAME, or --demo")
     if args.model in demo.DEMO_MODELS:
         return qnalo.load(demo.demo_path(args.model), **target)
     if args.model not in qnalo.list_models():
-        raise InputError(f"unknown model {args.model!r}; the demo models are {', '.join(demo.DEMO_MODELS)}, "
+        raise UsageError(f"unknown model {args.model!r}; the demo models are {', '.join(demo.DEMO_MODELS)}, "
                          f"the variants {', '.join(qnalo.list_models())}")
     path = os.path.join(_weights_folder(), f"{args.model}.safetensors")
     if not os.path.exists(path):
@@ -309,10 +372,15 @@ _BENCH_HELP = ("Time a model on this machine: kernel load (compile on a first ru
                "the median latency and throughput over repeated calls, on seeded random weights and inputs.")
 
 
-def _add_bench_arguments(parser):
-    from qnalo import list_models
+DEFAULT_BENCH_MODEL = "litv2_s"
 
-    parser.add_argument("--model", default="litv2_s", choices=list_models(), help="variant (default: litv2_s)")
+
+def _add_bench_arguments(parser):
+    from qnalo import demo, list_models
+
+    parser.add_argument("--model", choices=list_models() + list(demo.DEMO_MODELS), metavar="NAME",
+                        help=f"a variant, on random weights (default: {DEFAULT_BENCH_MODEL}), or an embedded demo "
+                             "model; with --weights: check the file is that variant")
     parser.add_argument("--weights", metavar="FILE", help="time this weights file instead of random weights")
     parser.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="images per call (default: 1)")
     parser.add_argument("--calls", type=_positive_int, default=10, metavar="N", help="timed calls (default: 10)")
@@ -326,30 +394,33 @@ def _run_bench(args):
     import numpy as np
 
     import qnalo
+    from qnalo import demo
     from qnalo.kernels import _jit
     from qnalo.models import MODEL_REGISTRY
     from qnalo.models.common import warm_up
 
     _set_threads(args)
     qnalo.check_dtype(args.device, args.dtype)
-    if args.weights:
-        from qnalo.models import read_model_file
+    target = _target(args)
+    weights = args.weights or (demo.demo_path(args.model) if args.model in demo.DEMO_MODELS else None)
+    if weights:
+        from qnalo.models import read_model_file, read_variant_file
 
-        model_cls, config, _, _ = read_model_file(args.weights)
+        # with --model too, the file must hold that variant
+        model_cls, config = (read_variant_file(args.model, weights) if args.model else read_model_file(weights))[:2]
     else:
-        model_cls, _, config = MODEL_REGISTRY[args.model]
+        model_cls, _, config = MODEL_REGISTRY[args.model or DEFAULT_BENCH_MODEL]
     start = time.perf_counter()
     if args.device == "cpu":
         warm_up(model_cls, config)   # what every first model of a process pays: the kernels load or compile
     kernels_s = time.perf_counter() - start
     start = time.perf_counter()
-    target = _target(args)
-    if args.weights:
-        model = qnalo.load(args.weights, **target)
+    if weights:
+        model = qnalo.load(weights, **target)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # random weights are the point here
-            model = qnalo.create_model(args.model, **target)
+            model = qnalo.create_model(args.model or DEFAULT_BENCH_MODEL, **target)
     build_s = time.perf_counter() - start
     size = args.size or model.config.img_size
     x = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
@@ -367,7 +438,7 @@ def _run_bench(args):
     first_s = call()
     times = [call() for _ in range(args.calls)]
     median = float(np.median(times))
-    name = args.weights or f"{args.model} (random weights)"
+    name = weights or f"{args.model or DEFAULT_BENCH_MODEL} (random weights)"
     where = f"{_jit.NUM_THREADS} kernel thread(s)" if args.device == "cpu" else f"{args.device}, {args.dtype}"
     print(f"{name}: {size}x{size}, batch {args.batch}, {where}")
     if args.device == "cpu":

@@ -15,6 +15,15 @@ class CheckpointError(QnaloError):
     missing/unexpected/mis-shaped keys."""
 
 
+class VariantMismatchError(CheckpointError):
+    """A weights file that holds another model than the variant it was asked to be. `what` says what it holds,
+    the message adds how to load it anyway."""
+
+    def __init__(self, what):
+        super().__init__(f"{what}; load the file as it is with qnalo.load(path)")
+        self.what = what
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A pickle that asks for something outside the allow-list of a state dict."""
 

@@ -31,7 +31,7 @@ def save_weights(path, tensors, architecture, config, source=None, force=False):
     at `path`, and with O_TMPFILE nothing at all. An existing `path` is an error unless force=True."""
     path = os.fspath(path)
     if os.path.exists(path) and not force:
-        raise FileExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
+        raise FileExistsError(f"{path} already exists; pass force=True to overwrite it")
     arrays = {}
     for name, value in tensors.items():
         value = np.asarray(value)

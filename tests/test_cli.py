@@ -1,6 +1,5 @@
 """The `qnalo` command line: classify (and --demo, the README's first command), convert, info, bench; one clear
 line and a non-zero exit for every kind of bad input."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import qnalo
 from qnalo import cli, demo
 from qnalo.classify import expand_paths, softmax, top_k
 from qnalo.labels import imagenet_labels
@@ -80,10 +80,6 @@ def test_unreadable_images_are_reported_and_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["classify", "x.png"], "no model given"),
-    (["classify", "--model", "litv2_digits"], "no IMAGE given"),
-    (["classify", "--demo", "x.png"], "--demo runs the embedded models on their own images"),
-    (["classify", "--model", "nope", "x.png"], "unknown model 'nope'"),
     (["classify", "--weights", "missing.safetensors", "x.png"], "missing.safetensors"),
     (["info", "missing.safetensors"], "missing.safetensors"),
     (["convert", "missing.pth", "out.safetensors"], "missing.pth"),
@@ -96,11 +92,62 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "out.safetensors")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["classify", "x.png"], "no model given; pass --weights FILE"),
+    (["classify", "--model", "litv2_digits"], "no IMAGE given"),
+    (["classify", "--demo", "x.png"], "--demo runs the embedded models on their own images"),
+    (["classify", "--model", "nope", "x.png"], "unknown model 'nope'"),
+    (["classify", "--top", "0", "--demo"], "argument --top: must be positive: 0 (see `qnalo classify --help`)"),
+    (["classify", "--model", "litv2_digits", "--top", "11", "x.png"],
+     "--top 11 asks for more classes than the model has (10); pass --top 10 or less"),
+    (["bench", "--model", "nope"], "argument --model: invalid choice: 'nope'"),
+    (["convert", "a.pth"], "the following arguments are required: DST (see `qnalo convert --help`)"),
+    (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: COMMAND (see `qnalo --help`)"),
+])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    proc = _qnalo(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qnalo: error: ") and message in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_version():
+    proc = _qnalo("--version")
+    assert proc.returncode == 0 and proc.stdout == f"qnalo {qnalo.__version__}\n" and proc.stderr == ""
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`qnalo info FILE --json | head -1`: the reader is gone before qnalo writes (here: from the start)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qnalo.cli", "info", demo.demo_path("litv2_digits"), "--json"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=600)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 128 + 13     # as a shell reports a process ended by SIGPIPE
+
+
+def test_threads_beyond_the_cpus_warn_in_one_line():
+    proc = _qnalo("bench", "--model", "litv2_digits", "--calls", "1", "--threads", str(os.cpu_count() + 3))
+    assert proc.returncode == 0, proc.stderr
+    warning, = proc.stderr.strip().splitlines()
+    assert warning.startswith(f"qnalo: warning: {os.cpu_count() + 3} kernel threads but only "), warning
+
+
 def test_weights_of_the_wrong_family_or_kind(tmp_path):
     qna_file = demo.demo_path("qna_vit_digits")
     proc = _qnalo("classify", "--model", "litv2_s", "--weights", qna_file, "x.png")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
-    assert "holds a 'qna_vit' model, not litv2_s" in proc.stderr
+    assert proc.stderr == (f"qnalo: error: {qna_file} holds a qna_vit model, not litv2_s; drop --model to use the "
+                           "file as it is\n")
+    proc = _qnalo("bench", "--model", "qna_vit_tiny", "--weights", qna_file)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith(f"qnalo: error: {qna_file} holds weights of another configuration, not of "
+                                  "qna_vit_tiny (they differ in embed_dim, ")
+    assert proc.stderr.endswith("); drop --model to use the file as it is\n")
     not_weights = tmp_path / "photo.png"
     not_weights.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     proc = _qnalo("classify", "--weights", str(not_weights), str(not_weights))
@@ -112,13 +159,6 @@ def test_a_variant_name_finds_its_converted_file_or_says_where_to_put_it(tmp_pat
     proc = _qnalo("classify", "--model", "litv2_s", "x.png", env=env)
     expected = tmp_path / "litv2_s.safetensors"
     assert proc.returncode == 1 and f"no converted weights for litv2_s at {expected}" in proc.stderr
-
-
-def test_usage_errors_exit_2():
-    proc = _qnalo("bench", "--model", "nope")
-    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _qnalo("classify", "--top", "0", "--demo")
-    assert proc.returncode == 2 and "must be positive" in proc.stderr
 
 
 def test_every_subcommand_has_help():
@@ -166,16 +206,20 @@ def test_the_demo_keeps_every_prediction_on_cuda(cuda_cupy, capsys):
 
 
 def test_float16_on_the_cpu_is_a_clear_error(capsys):
+    """in the command line's words: its options, not the keyword arguments of the Python API"""
     assert cli.main(["bench", "--model", "litv2_s", "--dtype", "float16"]) == 1
-    assert "dtype='float16' runs on device='cuda' only" in capsys.readouterr().err
+    assert "error: --dtype float16 runs on --device cuda only" in capsys.readouterr().err
     assert cli.main(["classify", "--demo", "--dtype", "float16"]) == 1
-    assert "dtype='float16' runs on device='cuda' only" in capsys.readouterr().err
+    assert "error: --dtype float16 runs on --device cuda only" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
-def test_cuda_without_cupy_says_how_to_get_it(capsys):
+def test_cuda_without_cupy_says_how_to_get_it(monkeypatch, capsys):
+    from qnalo.models import ops
+    monkeypatch.setattr(ops, "_DEVICE_OPS", {})
+    monkeypatch.setitem(sys.modules, "cupy", None)               # as if CuPy were not installed
     assert cli.main(["classify", "--demo", "--device", "cuda"]) == 1
-    assert "pip install 'qnalo[cuda]'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("qnalo: error: --device cuda: ") and "pip install 'qnalo[cuda]'" in err
 
 
 def test_expand_paths(tmp_path):

@@ -209,7 +209,8 @@ def test_create_model_checks_the_file_against_the_name(tmp_path):
     cfg = LITV2_VARIANTS["litv2_s"].replace(embed_dim=32, num_heads=(1, 2, 4, 8))
     path = tmp_path / "small.safetensors"
     save_weights(path, random_tensors(cfg), "litv2", cfg.to_dict(), source={"variant": None})
-    with pytest.raises(qnalo.CheckpointError, match="not litv2_s.*embed_dim, num_heads.*qnalo.load"):
+    with pytest.raises(qnalo.VariantMismatchError, match=r"holds weights of another configuration, not of litv2_s "
+                                                         r"\(they differ in embed_dim, num_heads\); .*qnalo.load"):
         qnalo.create_model("litv2_s", weights=path)
     with pytest.raises(qnalo.InputError, match="random weights only"):
         qnalo.create_model("litv2_s", weights=path, num_classes=3)

@@ -288,3 +288,19 @@ def test_dtype_choices_are_checked():
         qnalo.create_model("litv2_s", dtype="bfloat16")
     with pytest.raises(qnalo.InputError, match="unknown dtype"):
         qnalo.create_model("litv2_s", dtype="float64")
+
+
+@pytest.mark.parametrize("name", ["litv2_digits", "qna_vit_digits"])
+def test_create_model_takes_an_embedded_demo_name_as_the_cli_does(name):
+    from qnalo import demo
+    model, loaded = qnalo.create_model(name), qnalo.load(demo.demo_path(name))
+    x = np.random.default_rng(0).standard_normal((2, 3, demo.IMG_SIZE, demo.IMG_SIZE)).astype(np.float32)
+    np.testing.assert_array_equal(model(x), loaded(x))
+    assert qnalo.create_model(name, weights=demo.demo_path(name)).config == loaded.config
+    other = next(n for n in demo.DEMO_MODELS if n != name)
+    with pytest.raises(qnalo.VariantMismatchError, match=f"holds a .* model, not {name}"):
+        qnalo.create_model(name, weights=demo.demo_path(other))
+    with pytest.raises(qnalo.InputError, match="apply to random weights only"):
+        qnalo.create_model(name, num_classes=3)
+    with pytest.raises(qnalo.InputError, match=r"unknown model 'digits'.*qnalo\.demo\.demo_path"):
+        qnalo.create_model("digits")

@@ -44,7 +44,7 @@ def test_round_trip_is_zero_copy_and_read_only(good_file):
 
 def test_existing_file_needs_force(good_file):
     before = good_file.read_bytes()
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="pass force=True to overwrite it"):
         save_weights(good_file, {"x": np.zeros(1, np.float32)}, "litv2", CONFIG)
     assert good_file.read_bytes() == before
     save_weights(good_file, {"x": np.zeros(1, np.float32)}, "litv2", CONFIG, force=True)

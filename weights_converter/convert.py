@@ -221,7 +221,7 @@ def _check_destination(dst, force):
     if os.path.isdir(dst):
         raise IsADirectoryError(f"{dst} is a folder; give the path of the .safetensors file to write")
     if os.path.exists(dst) and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
+        raise FileExistsError(f"{dst} already exists; pass force=True to overwrite it")
 
 
 def _sha256(path):

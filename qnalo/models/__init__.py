@@ -1,5 +1,7 @@
 """The registry of named model variants: name -> (model class, config)."""
-from ..errors import CheckpointError
+import dataclasses
+
+from ..errors import CheckpointError, VariantMismatchError
 from ..weights import read_weights
 from .litv2 import LITv2
 from .litv2_config import LITV2_VARIANTS, LITv2Config
@@ -23,3 +25,23 @@ def read_model_file(path):
                               f"{sorted(ARCHITECTURES)}")
     model_cls, config_cls = ARCHITECTURES[architecture]
     return model_cls, config_cls.from_file(path, config), tensors, source
+
+
+def read_variant_file(name, path):
+    """read_model_file for a file that must hold variant `name` (a registered variant, or an embedded demo model):
+    a VariantMismatchError when its architecture or an architecture field differs. The file's own config wins
+    for what the variant leaves open: classes, dense norms, resolution."""
+    from .. import demo
+    if name in demo.DEMO_MODELS:
+        model_cls, expected = read_model_file(demo.demo_path(name))[:2]
+    else:
+        model_cls, _, expected = MODEL_REGISTRY[name]
+    held_cls, config, tensors, source = read_model_file(path)
+    if held_cls is not model_cls:
+        raise VariantMismatchError(f"{path} holds a {held_cls.architecture} model, not {name}")
+    different = [f.name for f in dataclasses.fields(config) if f.name in config.ARCHITECTURE_FIELDS
+                 and getattr(config, f.name) != getattr(expected, f.name)]
+    if different:
+        held = f"the weights of {source['variant']}" if source.get("variant") else "weights of another configuration"
+        raise VariantMismatchError(f"{path} holds {held}, not of {name} (they differ in {', '.join(different)})")
+    return model_cls, config, tensors, source

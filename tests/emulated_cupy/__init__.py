@@ -311,7 +311,7 @@ class RawModule:
         self.defines = defines
         self.kernels = {name: _parameters(params) for name, params in KERNEL.findall(self.source)}
         self._library = None
-        self.registers = None     # {kernel: registers per thread on sm_90}, where nvcc is installed
+        self._register_counts = None
 
     def _compile(self):
         launchers = []
@@ -341,7 +341,14 @@ class RawModule:
             return built
         self._library = ctypes.CDLL(_made_once(folder, [header, unit, *flags], ".so", build))
         self._library.qnalo_emu_error.restype = ctypes.c_char_p
-        self.registers = self._registers(folder)
+        self._register_counts = self._registers(folder)
+
+    @property
+    def registers(self):
+        """{kernel: registers per thread on sm_90} where nvcc is installed, else None; compiles on first use."""
+        if self._library is None:
+            self._compile()
+        return self._register_counts
 
     def _registers(self, folder):
         """ptxas's registers per thread of each kernel for RESOURCE_ARCH (cached beside the libraries), or None
