@@ -1,4 +1,5 @@
 """The torch-free .pth reader: round trips through torch.save, damaged and hostile files."""
+import argparse
 import collections
 import io
 import os
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from qnalo.errors import CheckpointError, UnsafeCheckpointError
-from qnalo.weights_converter.pth_reader import ForeignObject, load_pth
+from qnalo.weights_converter.pth_reader import ForeignObject, NumpyDtype, load_pth
 from fake_modules import install_fake_yacs
 
 
@@ -133,7 +134,16 @@ def test_legacy_magic_number_is_recognised(tmp_path):
 
 UNSAFE_GLOBALS = [("os", "system"), ("posix", "system"), ("builtins", "eval"), ("builtins", "exec"),
                   ("builtins", "getattr"), ("subprocess", "Popen"), ("subprocess", "check_call"),
-                  ("numpy", "load"), ("torch", "load"), ("torch._utils", "_rebuild_device_tensor_from_numpy")]
+                  ("numpy", "load"), ("torch", "load"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+                  # beside the pure-data builtins, under both names: what calls, imports or looks up
+                  ("__builtin__", "eval"), ("__builtin__", "exec"), ("__builtin__", "getattr"),
+                  ("__builtin__", "apply"), ("builtins", "__import__"), ("__builtin__", "__import__"),
+                  ("builtins", "object"), ("builtins", "type"), ("builtins", "open"), ("builtins", "list"),
+                  ("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"), ("_codecs", "decode"),
+                  # beside NumPy's scalar and dtype: what rebuilds arrays or calls NumPy on pickled arguments
+                  ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "frombuffer"), ("numpy", "float64"), ("numpy.dtypes", "Float64DType"),
+                  ("numpy", "ndarray"), ("argparse", "ArgumentParser")]
 
 
 @pytest.mark.parametrize("module, name", UNSAFE_GLOBALS)
@@ -160,6 +170,150 @@ def test_reduce_gadget_inside_a_state_dict(tmp_path, protocol):
     with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
         load_pth(write_archive(tmp_path / "evil.pth", payload))
     assert not canary.exists()
+
+
+# --- pure data beside the weights: a config's builtins, NumPy values (issue 16) ----------------------------------
+
+def load_pickle(tmp_path, payload):
+    return load_pth(write_archive(tmp_path / "data.pth", payload))
+
+
+DATA_BUILTIN_CALLS = [("set", [[1, 2]], {1, 2}), ("set", [], set()), ("frozenset", [(3, "a")], frozenset({3, "a"})),
+                      ("complex", [1.5, -2.0], 1.5 - 2j), ("slice", [1, None, 2], slice(1, None, 2)),
+                      ("range", [0, 10, 3], range(0, 10, 3)), ("bytes", [], b""),
+                      ("bytearray", [b"\x00\xffab"], bytearray(b"\x00\xffab"))]
+
+
+@pytest.mark.parametrize("module", ["builtins", "__builtin__"])
+@pytest.mark.parametrize("name, args, expected", DATA_BUILTIN_CALLS)
+def test_pure_data_builtins_under_both_module_names(tmp_path, module, name, args, expected):
+    got = load_pickle(tmp_path, global_pickle(module, name, args))
+    assert type(got) is type(expected) and got == expected
+
+
+def test_protocol_2_names_python_2_builtins(tmp_path):
+    """What pickle.dumps(protocol=2) (and so torch.save) writes for pure data: __builtin__.*, range as xrange,
+    bytes as _codecs.encode of latin1 text."""
+    data = {"set": {1, 2}, "frozenset": frozenset({"x"}), "complex": 2j, "slice": slice(None, 4), "range": range(5),
+            "bytes": b"\x00\x80\xff", "empty": b"", "bytearray": bytearray(b"ab"), "nested": [{(1, 2)}, {frozenset()}]}
+    payload = pickle.dumps(data, protocol=2)
+    for name in (b"set", b"frozenset", b"complex", b"slice", b"xrange", b"bytes", b"bytearray"):
+        assert b"c__builtin__\n" + name + b"\n" in payload, name
+    assert b"c_codecs\nencode\n" in payload
+    assert load_pickle(tmp_path, payload) == data
+
+
+@pytest.mark.parametrize("payload, message", [
+    (global_pickle("__builtin__", "bytes", [1 << 40]), r"bytes\(int\) is not pickled data"),
+    (global_pickle("builtins", "bytearray", [1 << 40]), r"bytearray\(int\) is not pickled data"),
+    (b"\x80\x02c__builtin__\nset\n" + global_pickle("__builtin__", "xrange", [1 << 40])[2:-1] + b"\x85R.",
+     r"set\(range\) is not pickled data"),
+    (global_pickle("builtins", "complex", ["1+2j"]), r"complex\(str\) is not pickled data"),
+    (global_pickle("_codecs", "encode", ["abc", "rot13"]), "a pickle writes bytes as latin1"),
+    (global_pickle("_codecs", "encode", [b"abc", "latin1"]), "not pickled data"),
+])
+def test_pure_data_builtins_take_only_held_values(tmp_path, payload, message):
+    """No call iterates or allocates beyond what the pickle holds: bytes(2^40) is refused, not allocated."""
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_pickle(tmp_path, payload)
+    assert "damaged data.pkl" in str(info.value)
+
+
+def test_build_cannot_alter_an_allowed_global(tmp_path):
+    """BUILD on the set constructor itself (to raise its argument limit) fails, and changes nothing after."""
+    for state in [{"max_args": 9}, (None, {"max_args": 9})]:
+        with pytest.raises(CheckpointError, match="damaged data.pkl"):
+            load_pickle(tmp_path, b"\x80\x02c__builtin__\nset\n" + pickle.dumps(state, protocol=2)[2:-1] + b"b.")
+    with pytest.raises(CheckpointError, match=r"set\(list, int\) is not pickled data"):
+        load_pickle(tmp_path, global_pickle("__builtin__", "set", [[1], 2]))
+
+
+NUMPY_VALUES = [np.float64(81.5), np.float32(-1.25), np.float16(3.5), np.int64(-3), np.int32(7), np.uint8(255),
+                np.bool_(True), np.complex128(1 - 2j), np.float64("nan")]
+NUMPY_DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64), np.dtype(bool), np.dtype(">i4"),
+                np.dtype("<c8"), np.dtype(np.uint16)]
+
+
+def _same_numpy_value(got, expected):
+    return type(got) is type(expected) and (got == expected or (np.isnan(got) and np.isnan(expected)))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_numpy_scalars_from_the_installed_numpy(tmp_path, protocol):
+    payload = pickle.dumps(NUMPY_VALUES, protocol=protocol)
+    assert b"multiarray" in payload and b"scalar" in payload
+    got = load_pickle(tmp_path, payload)
+    assert all(_same_numpy_value(g, e) for g, e in zip(got, NUMPY_VALUES, strict=True)), got
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_numpy_dtypes_from_the_installed_numpy(tmp_path, protocol):
+    got = load_pickle(tmp_path, pickle.dumps(NUMPY_DTYPES, protocol=protocol))
+    assert all(isinstance(g, NumpyDtype) for g in got)
+    assert [np.dtype(g) for g in got] == NUMPY_DTYPES  # byte order included: '>i4' != '<i4'
+
+
+@pytest.mark.parametrize("module", ["numpy.core.multiarray", "numpy._core.multiarray"])
+def test_numpy_scalar_of_numpy_1_and_2(tmp_path, module):
+    """numpy 1 names numpy.core.multiarray.scalar, numpy 2 numpy._core.multiarray.scalar: both are read."""
+    payload = pickle.dumps(np.float64(81.5), protocol=2)
+    written = b"numpy._core.multiarray" if b"numpy._core.multiarray" in payload else b"numpy.core.multiarray"
+    payload = payload.replace(b"c" + written + b"\nscalar\n", b"c" + module.encode() + b"\nscalar\n")
+    assert module.encode() + b"\nscalar" in payload
+    got = load_pickle(tmp_path, payload)
+    assert type(got) is np.float64 and got == 81.5
+    older = load_pickle(tmp_path, global_pickle("numpy", "dtype", ["f8", 0, 1]))  # align, copy as ints
+    assert np.dtype(older) == np.float64
+
+
+def test_big_endian_numpy_scalar(tmp_path):
+    """A scalar pickled on a big-endian machine: the dtype's state says '>', the raw bytes are big-endian."""
+    payload = pickle.dumps(np.float64(81.5), protocol=4)
+    little, big = np.array(81.5, "<f8").tobytes(), np.array(81.5, ">f8").tobytes()
+    assert payload.count(b"\x8c\x01<") == 1 and payload.count(little) == 1
+    got = load_pickle(tmp_path, payload.replace(b"\x8c\x01<", b"\x8c\x01>").replace(little, big))
+    assert type(got) is np.float64 and got == 81.5
+
+
+@pytest.mark.parametrize("dtype, shown", [(np.dtype(object), "O8"), (np.dtype([("a", "O")]), "V8"),
+                                          (np.dtype([("a", "f8"), ("b", "i4")]), "V12"),
+                                          (np.dtype(("f8", (2,))), "V16"), (np.dtype("U3"), "U3"),
+                                          (np.dtype("M8[ns]"), "M8")])
+def test_numpy_dtypes_other_than_plain_numbers_are_refused(tmp_path, dtype, shown):
+    canary = tmp_path / "CANARY"
+    with pytest.raises(UnsafeCheckpointError, match=rf"numpy\.dtype\('{shown}'\)"):
+        load_pickle(tmp_path, pickle.dumps([dtype, _Gadget(f"touch {canary}")], protocol=2))
+    assert not canary.exists()
+
+
+def test_numpy_arrays_are_refused(tmp_path):
+    with pytest.raises(UnsafeCheckpointError, match=r"numpy\.(_core|core)\.multiarray\._reconstruct"):
+        load_pickle(tmp_path, pickle.dumps({"acc": np.arange(3.0)}, protocol=2))
+
+
+@pytest.mark.parametrize("old, new, message", [
+    (b"NNNJ", b"NX\x01\x00\x00\x00a\x85NJ", "not the state of a plain numpy dtype"),  # field names on 'f8'
+    (b"X\x01\x00\x00\x00<", b"X\x01\x00\x00\x00!", "not the state of a plain numpy dtype"),  # no byte order
+    (b"C\x08" + np.float64(1.5).tobytes(), b"C\x07" + np.float64(1.5).tobytes()[1:], "malformed NumPy scalar"),
+])
+def test_malformed_numpy_records(tmp_path, old, new, message):
+    payload = pickle.dumps(np.float64(1.5), protocol=3)  # protocol 3: no frame lengths to keep
+    assert payload.count(old) == 1
+    edited = payload.replace(old, new)
+    with pytest.raises(CheckpointError, match=message):
+        load_pickle(tmp_path, edited)
+
+
+def test_numpy_scalar_needs_a_pickled_dtype(tmp_path):
+    with pytest.raises(CheckpointError, match="malformed NumPy scalar"):
+        load_pickle(tmp_path, global_pickle("numpy._core.multiarray", "scalar", ["f8", b"\x00" * 8]))
+
+
+def test_argparse_namespace_is_an_inert_stub(tmp_path):
+    got = load_pickle(tmp_path, pickle.dumps({"args": argparse.Namespace(lr=5e-4, model="litv2_s")}, protocol=2))
+    args = got["args"]
+    assert isinstance(args, ForeignObject) and not isinstance(args, argparse.Namespace)
+    assert args.foreign_name == "argparse.Namespace" and args.pickled_state == {"lr": 5e-4, "model": "litv2_s"}
 
 
 def test_storage_class_cannot_be_called(tmp_path):
@@ -280,6 +434,19 @@ def test_training_checkpoint_with_yacs_config_never_runs_the_class(torch, tmp_pa
     moments = got["optimizer"]["state"][0]
     np.testing.assert_array_equal(moments["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"].numpy())
     assert got["epoch"] == 299 and got["amp"]["loss_scaler0"]["unskipped"] == 3
+
+
+def test_torch_save_of_pure_data_and_numpy_values(torch, tmp_path):
+    """torch.save writes protocol 2: every allowed builtin and NumPy value as it really names them."""
+    data = {"set": {1, 2}, "frozenset": frozenset({"a"}), "complex": 1 + 2j, "slice": slice(1, 2), "range": range(3),
+            "bytes": b"xy", "bytearray": bytearray(b"ab"), "accuracy": np.float64(81.5), "count": np.int64(3),
+            "flag": np.bool_(False), "args": argparse.Namespace(epochs=300), "w": torch.ones(2)}
+    torch.save(data, tmp_path / "data.pth")
+    got = load_pth(tmp_path / "data.pth")
+    for key in ("set", "frozenset", "complex", "slice", "range", "bytes", "bytearray", "accuracy", "count", "flag"):
+        assert type(got[key]) is type(data[key]) and got[key] == data[key], key
+    assert got["args"].pickled_state == {"epochs": 300}
+    np.testing.assert_array_equal(got["w"], [1, 1])
 
 
 def test_deflated_archive_reads_the_same(torch, tmp_path):

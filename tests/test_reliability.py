@@ -84,7 +84,7 @@ def test_the_cli_says_it_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(digit)], capture_output=True, text=True, env=env,
                           timeout=900, cwd=tmp_path)   # not the checkout: its qnalo/ would come first
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.startswith("qnalo: warning: qnalo: the kernel cache") and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("qnalo: warning: the kernel cache") and proc.stderr.count("\n") == 1
 
 
 def test_numba_disable_jit_runs_the_same_model(tmp_path):

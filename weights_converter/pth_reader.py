@@ -7,16 +7,26 @@ A checkpoint written by torch >= 1.6 is a zip archive:
     <folder>/byteorder      "little" or "big" (absent in older files: little)
     <folder>/version, ...   bookkeeping, not needed
 
-The pickle is read by an unpickler that resolves only the globals a state dict needs (an allow-list); foreign
-classes of harmless training metadata (a yacs config) become inert stubs, and anything else is refused
-before it can run. Tensors come back as NumPy arrays viewing the storage buffers (read-only views, except
-bfloat16, which is widened to a new float32 array); their size is checked against the buffer first.
+The pickle is read by an unpickler that resolves only the globals a checkpoint needs (an allow-list):
+  * what a state dict is made of: tensors (torch storages and rebuild functions), OrderedDict, torch.Size;
+  * the pure-data builtins a pickled config or optimizer state can hold, under both builtins.* and the
+    __builtin__.* of protocol 2: set, frozenset, complex, slice, range (__builtin__.xrange), bytes, bytearray,
+    and _codecs.encode for the latin1 text through which protocol 2 writes bytes. Each is called only on
+    arguments the pickle holds in full, so no call can iterate or allocate beyond the pickle's own size;
+  * NumPy scalars and dtypes (a best accuracy can be a numpy.float64): numpy.dtype of a plain number or bool
+    type, and numpy.core.multiarray.scalar / numpy._core.multiarray.scalar (numpy 1 / 2) of one such number's
+    raw bytes. They are rebuilt here (np.frombuffer); NumPy's own constructors never see pickled arguments.
+Foreign classes of harmless training metadata (a yacs config, an argparse.Namespace of command-line options)
+become inert stubs, and anything else is refused before it can run. Tensors come back as NumPy arrays viewing
+the storage buffers (read-only views, except bfloat16, which is widened to a new float32 array); their size is
+checked against the buffer first.
 """
 import collections
 import io
 import math
 import os
 import pickle
+import re
 import zipfile
 from typing import NamedTuple
 
@@ -34,8 +44,14 @@ _MAX_OVERLAPPING_ELEMENTS = 1 << 20
 _MAX_DIMS = 32
 
 # Foreign classes that may sit beside the weights (the classification training loop pickles its yacs
-# config). They are replaced by an inert `ForeignObject` subclass; the real class is never imported.
+# config; other loops their parsed arguments). They are replaced by an inert `ForeignObject` subclass; the
+# real class is never imported.
 STUBBED_MODULES = ("yacs",)
+STUBBED_CLASSES = ("argparse.Namespace",)
+# The plain number and bool types numpy names when it pickles a dtype ('f8', 'i8', 'b1', 'c16', ...); anything
+# else ('O8' objects, 'V16' records with fields, '(2,)f8' subarrays) is refused.
+_NUMPY_NUMBER_TYPE = re.compile(r"[biufc]\d{1,2}")
+_NUMPY_BYTE_ORDERS = ("<", ">", "|", "=")
 
 
 class _Dtype(NamedTuple):
@@ -73,6 +89,42 @@ _STORAGE_CLASSES = {
 _UNSUPPORTED_TORCH_PREFIXES = ("float8_", "float4_", "complex", "bits", "qint", "quint", "Complex", "QInt", "QUInt")
 
 
+class _DataConstructor(NamedTuple):
+    """Stands for a pure-data builtin in the pickle: calls `make` on at most `max_args` arguments of the
+    `argument_types`, values the pickle holds in full. (So that bytes(1 << 40) or set(range(1 << 40)) cannot
+    allocate or iterate without bound; and immutable, so that a BUILD opcode cannot alter it.)"""
+    make: object
+    argument_types: tuple
+    max_args: int
+
+    def __call__(self, *args):
+        if len(args) > self.max_args or not all(isinstance(arg, self.argument_types) for arg in args):
+            raise TypeError(f"{self.make.__name__}({', '.join(type(arg).__name__ for arg in args)}) is not "
+                            "pickled data")
+        return self.make(*args)
+
+
+def _encode_latin1(text, encoding):
+    """_codecs.encode as protocol 2 writes bytes: latin1 text whose code points are the bytes."""
+    if encoding not in ("latin1", "latin-1"):
+        raise ValueError(f"_codecs.encode to {str(encoding)[:20]!r}; a pickle writes bytes as latin1")
+    return text.encode("latin1")
+
+
+_HELD_ITEMS = (list, tuple, set, frozenset)
+_DATA_BUILTINS = {
+    "set": _DataConstructor(set, _HELD_ITEMS, 1), "frozenset": _DataConstructor(frozenset, _HELD_ITEMS, 1),
+    "complex": _DataConstructor(complex, (int, float), 2), "slice": _DataConstructor(slice, (object,), 3),
+    "range": _DataConstructor(range, (int,), 3), "bytes": _DataConstructor(bytes, (bytes,), 1),
+    "bytearray": _DataConstructor(bytearray, (bytes,), 1),
+}
+_DATA_GLOBALS = {
+    **{(module, name): make for module in ("builtins", "__builtin__") for name, make in _DATA_BUILTINS.items()},
+    ("__builtin__", "xrange"): _DATA_BUILTINS["range"],  # what protocol 2 calls range
+    ("_codecs", "encode"): _DataConstructor(_encode_latin1, (str,), 2),
+}
+
+
 class ForeignObject(dict):
     """Inert stand-in for a pickled foreign object (e.g. a yacs CfgNode, itself a dict subclass).
 
@@ -92,6 +144,28 @@ class ForeignObject(dict):
 
     def __repr__(self):
         return f"<stub {self.foreign_name} {dict.__repr__(self)}>"
+
+
+class NumpyDtype:
+    """A NumPy dtype read from a pickle, `numpy.dtype(type_string, align, copy)` then BUILD with numpy's state: a
+    plain number or bool type in the byte order of the state. `dtype` is the np.dtype (np.dtype(x) accepts x).
+    Each call makes a new one, so its BUILD changes nothing shared."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __setstate__(self, state):
+        # (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata]); a plain type has
+        # no subarray, names or fields, and takes only the byte order
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in _NUMPY_BYTE_ORDERS
+                and state[2:5] == (None, None, None)):
+            raise ValueError(f"not the state of a plain numpy dtype: {str(state)[:80]}")
+        self.dtype = self.dtype.newbyteorder(state[1])
+
+    def __repr__(self):
+        return f"<pickled numpy {self.dtype!r}>"
 
 
 class _Storage(NamedTuple):
@@ -240,6 +314,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
             ("torch", "Size"): tuple,
+            ("numpy", "dtype"): self._numpy_dtype,
+            ("numpy.core.multiarray", "scalar"): self._numpy_scalar,   # numpy 1
+            ("numpy._core.multiarray", "scalar"): self._numpy_scalar,  # numpy 2
+            **_DATA_GLOBALS,
         }
 
     def find_class(self, module, name):
@@ -251,10 +329,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _DTYPES[name]
         if module == "torch" and name.startswith(_UNSUPPORTED_TORCH_PREFIXES):
             raise CheckpointError(f"{self.reader.path}: tensors of type torch.{name} are not supported")
-        if module.split(".")[0] in STUBBED_MODULES:
+        if module.split(".")[0] in STUBBED_MODULES or f"{module}.{name}" in STUBBED_CLASSES:
             return self._stub(f"{module}.{name}")
-        raise UnsafeCheckpointError(
-            f"{self.reader.path}: the pickle asks for {module}.{name}, which no weights checkpoint needs; "
+        raise self._refusal(f"{module}.{name}")
+
+    def _refusal(self, what):
+        return UnsafeCheckpointError(
+            f"{self.reader.path}: the pickle asks for {what}, which no weights checkpoint needs; "
             "refusing to load it (it could run arbitrary code)")
 
     def persistent_load(self, pid):
@@ -278,6 +359,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def _rebuild_tensor_v3(self, storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
         return self.reader.tensor(storage, offset, size, stride, dtype)
+
+    def _numpy_dtype(self, type_string, align=False, copy=False):
+        """numpy.dtype as numpy pickles a dtype; align and copy do not matter to a plain type."""
+        if not (isinstance(type_string, str) and _NUMPY_NUMBER_TYPE.fullmatch(type_string)):
+            raise self._refusal(f"numpy.dtype({str(type_string)[:40]!r})")
+        return NumpyDtype(np.dtype(type_string))
+
+    def _numpy_scalar(self, dtype, raw):
+        """numpy's scalar(dtype, raw bytes), read here: exactly one element of a plain type."""
+        if not (isinstance(dtype, NumpyDtype) and isinstance(raw, bytes) and len(raw) == dtype.dtype.itemsize):
+            raise CheckpointError(
+                f"{self.reader.path}: malformed NumPy scalar in data.pkl (not the raw bytes of one value of a dtype)")
+        return np.frombuffer(raw, dtype.dtype)[0]
 
     @staticmethod
     def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
