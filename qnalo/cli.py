@@ -80,11 +80,13 @@ def _print_error(error):
 
 # The library names its keyword arguments as Python spells them (force=True, device='cuda'); the command line
 # names the options that set them.
-_KEYWORD_OPTIONS = re.compile(r"\b(force|device|dtype)=(True\b|'([^']*)')")
+_OPTION_SPELLINGS = {"force=True": "--force", "head_dim=N": "--head-dim N",
+                     "window_sizes=(W0, W1, W2, W3)": "--window-sizes W0,W1,W2,W3"}
+_KEYWORDS = re.compile("|".join(map(re.escape, _OPTION_SPELLINGS)) + r"|\b(device|dtype)='([^']*)'")
 
 
 def _in_cli_words(message):
-    return _KEYWORD_OPTIONS.sub(lambda m: f"--{m[1]}" + (f" {m[3]}" if m[3] is not None else ""), message)
+    return _KEYWORDS.sub(lambda m: f"--{m[1]} {m[2]}" if m[1] else _OPTION_SPELLINGS[m[0]], message)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

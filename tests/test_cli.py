@@ -319,3 +319,19 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_converter_errors_name_the_options_that_fix_them(tmp_path, capsys):
+    """the converter's "pass head_dim=N" / "window_sizes=..." read as the command line's options"""
+    from safetensors.numpy import save_file
+    from test_converter import official_state_dict
+    src, dst = tmp_path / "narrow_heads.safetensors", tmp_path / "out.safetensors"
+    save_file(official_state_dict(lo_heads=(0, 0, 5, 16), hi_heads=(0, 0, 3, 0), head_dim=16), str(src))
+    assert cli.main(["convert", str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith("; pass --head-dim N") and "head_dim=" not in err, err
+    assert cli.main(["convert", str(src), str(dst), "--head-dim", "16", "--window-sizes", "0,0,0,1"]) == 1
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("; pass --window-sizes W0,W1,W2,W3") and "window_sizes=" not in err, err
+    assert not dst.exists()
+    assert cli.main(["convert", str(src), str(dst), "--head-dim", "16"]) == 0

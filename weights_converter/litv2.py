@@ -60,7 +60,7 @@ def infer_litv2_config(state_dict, file_name="", yacs_config=None, img_size=None
     embed_dim = patch[0]
     dims = [embed_dim * 2 ** i for i in range(4)]
     if any(dim % head_dim for dim in dims):
-        raise CheckpointError(f"stage widths {dims} are not multiples of the head dim {head_dim}; pass head_dim=")
+        raise CheckpointError(f"stage widths {dims} are not multiples of the head dim {head_dim}; pass head_dim=N")
     num_heads = [dim // head_dim for dim in dims]
     depths = _depths(state_dict)
     splits = [_head_split(state_dict, i, head_dim) for i in range(4)]
@@ -181,25 +181,29 @@ def _head_split(state_dict, stage, head_dim):
         rows = np.shape(state_dict[key])[0] if key in state_dict else 0
         if rows % per_head:
             raise CheckpointError(
-                f"{key} has {rows} rows, not a multiple of {per_head} (head dim {head_dim}); pass head_dim=")
+                f"{key} has {rows} rows, not a multiple of {per_head} (head dim {head_dim}); pass head_dim=N")
         heads.append(rows // per_head)
     return tuple(heads)
+
+
+_PASS_WINDOW_SIZES = "pass window_sizes=(W0, W1, W2, W3)"
 
 
 def _check_split(stage, lo, hi, num_heads, window_size, head_dim):
     where = f"layers.{stage}"
     if window_size == 0:
         if lo or hi:
-            raise CheckpointError(f"{where} has attention weights but window size 0; pass window_sizes=")
+            raise CheckpointError(f"{where} has attention weights but window size 0; {_PASS_WINDOW_SIZES}")
         return
     if lo + hi == 0:
-        raise CheckpointError(f"{where} has no attention weights but window size {window_size}; pass window_sizes=")
+        raise CheckpointError(f"{where} has no attention weights but window size {window_size}; {_PASS_WINDOW_SIZES}")
     if lo + hi != num_heads:
         raise CheckpointError(
             f"{where}: {lo} Lo-Fi + {hi} Hi-Fi heads of dim {head_dim} do not make its {num_heads} heads; "
-            "pass head_dim=")
+            "pass head_dim=N")
     if window_size == 1 and hi:
-        raise CheckpointError(f"{where} has Hi-Fi weights (h_qkv), so its window size cannot be 1; pass window_sizes=")
+        raise CheckpointError(
+            f"{where} has Hi-Fi weights (h_qkv), so its window size cannot be 1; {_PASS_WINDOW_SIZES}")
 
 
 def _window_sizes(explicit, yacs_config, file_name):
