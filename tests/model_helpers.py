@@ -47,6 +47,39 @@ def torch_run(ref, x, features=False):
         return ref(t).numpy()
 
 
+def layernorm_input_variances(ref, x, logits):
+    """The median over rows of the (biased) variance each nn.LayerNorm of the PyTorch reference `ref` sees
+    while it computes forward_features(x), then (logits true) its logits, in call order."""
+    import torch
+    medians = []
+
+    def record(module, args):
+        medians.append(float(args[0].double().var(dim=-1, unbiased=False).median()))
+
+    hooks = [m.register_forward_pre_hook(record) for m in ref.modules() if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        torch_run(ref, x, features=True)
+        if logits:
+            torch_run(ref, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return medians
+
+
+def check_parity_of_a_quiet_stream(ref, x, quiet, ln_eps, make_engine, logits):
+    """The parity check for a reference whose residual stream was scaled to ~`quiet`: every LayerNorm sees rows
+    of variance within 100x of `ln_eps` (asserted, so the case stays where the eps matters), and the engine
+    that make_engine(ref) builds matches it, its features compared in the stream's own units."""
+    variances = layernorm_input_variances(ref, x, logits=logits)
+    assert max(variances) <= 100 * ln_eps, variances
+    model = make_engine(ref)
+    for i, (f, r) in enumerate(zip(model.forward_features(x), torch_run(ref, x, features=True))):
+        assert_logits_close(f / quiet, r / quiet, what=f"stage {i} features / {quiet}", op="features")
+    if logits:
+        assert_logits_close(model(x), torch_run(ref, x), what="logits")
+
+
 def check_non_contiguous_input(model, ref, x):
     """A strided view of x gives bit-identical logits to x itself, and matches the reference."""
     strided = np.ascontiguousarray(x[:, ::-1].transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)[:, ::-1]

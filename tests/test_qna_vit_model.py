@@ -2,6 +2,8 @@
 
 The PyTorch reference (tests/reference/qna_vit_torch.py) is written in the project's PyTorch layout of QnA-ViT;
 its engine_tensors() maps a state dict to the engine's layout (docs/format.md)."""
+import collections
+import copy
 import os
 import subprocess
 import sys
@@ -12,15 +14,18 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import qnalo
+from qnalo.kernels import qna
 from qnalo.models.qna_vit import QnAViT, engine_tensor_shapes, random_tensors, stage_sides
 from qnalo.models.qna_vit_config import QNA_VIT_VARIANTS, QnAViTConfig
 from qnalo.weights import save_weights
-from model_helpers import (BAD_INPUTS, check_non_contiguous_input, check_non_finite_stays_in_its_image, image,
-                           torch_run)
+from model_helpers import (BAD_INPUTS, check_non_contiguous_input, check_non_finite_stays_in_its_image,
+                           check_parity_of_a_quiet_stream, image, torch_run)
 from tolerances import assert_logits_close
 
 torch = pytest.importorskip("torch")
-from reference.qna_vit_torch import QnAViT as TorchQnAViT, engine_tensors, qna_vit_reference, randomize_  # noqa: E402
+from reference.qna_torch import FusedKQnA  # noqa: E402
+from reference.qna_vit_torch import (  # noqa: E402
+    LN_EPS, Mlp, QnAViT as TorchQnAViT, WindowMSA, engine_tensors, qna_vit_reference, randomize_)
 
 torch.set_num_threads(2)
 
@@ -80,6 +85,86 @@ def test_parity_random_configs(case, seed, b, backend):
     cfg, h, w = case
     ref = _reference_from_config(cfg, seed)
     _check(_engine_from_reference(ref, cfg, backend), ref, image(seed, b, h, w))
+
+
+# The residual stream scaled to ~QUIET: the LayerNorms then see variances of 5e-9 to 8.5e-6 (medians over rows;
+# measured over 40 random small_cases), around QnA-ViT's eps 1e-6, where the eps is a sizeable part of the
+# denominator. Their outputs stay O(1), so the logits do too.
+QUIET = 1e-3
+
+
+@torch.no_grad()
+def _quiet(ref, s=QUIET):
+    """Scales by s every output that feeds the residual stream: the stem (no norm follows it: its output is
+    the stream), each block's fc2, MSA proj and QnA proj_out (the stride-2 block's skip conv is linear in the
+    stream, so it stays scaled)."""
+    ref.stem.weight.mul_(s)
+    for mod in ref.modules():
+        if isinstance(mod, Mlp):
+            mod.fc2.weight.mul_(s)
+            mod.fc2.bias.mul_(s)
+        elif isinstance(mod, WindowMSA):
+            mod.proj.weight.mul_(s)
+        elif isinstance(mod, FusedKQnA):
+            mod.proj_out.weight.mul_(s)
+    return ref
+
+
+@pytest.mark.torch
+@settings(max_examples=6)
+@given(case=small_cases(), seed=st.integers(0, 2**31 - 1), b=st.integers(1, 3),
+       backend=st.sampled_from(["numba", "numpy"]))
+@example(case=(QnAViTConfig(embed_dim=8, qna_depths=(1, 1, 1, 1), msa_depths=(0, 1, 2, 1), qna_heads=(2, 4, 8, 16),
+                            msa_heads=(1, 2, 4, 8), qna_kernel_sizes=(3, 7, 3, 5), msa_windows=(7, 3, 1, 1),
+                            num_classes=9), 69, 45), seed=0, b=2, backend="numba")
+@example(case=(QnAViTConfig(embed_dim=4, qna_depths=(1, 0, 1, 0), msa_depths=(1, 1, 0, 1), qna_heads=(2, 4, 8, 16),
+                            msa_heads=(2, 2, 4, 4), qna_kernel_sizes=(3, 3, 3, 3), msa_windows=(3, 3, 7, 1),
+                            num_classes=0), 45, 21), seed=1, b=2, backend="numpy")   # maps 12x6, 6x3, 3x2, 2x1
+def test_parity_where_layernorm_eps_matters(torch, case, seed, b, backend):
+    # every LayerNorm sees rows of variance within 100x of eps, so an eps 10x off moves its outputs by at least
+    # 4%: with the engine's eps at 1e-5, every one of 62 cases failed by 3.8e3x to 1.1e4x its bar (where
+    # test_parity_random_configs caught 13 of 62, by at most 17x)
+    cfg, h, w = case
+    ref = _quiet(_reference_from_config(cfg, seed))
+    x = image(seed, b, h, w)
+    check_parity_of_a_quiet_stream(ref, x, QUIET, LN_EPS, lambda r: _engine_from_reference(r, cfg, backend),
+                                   logits=bool(cfg.num_classes))
+
+
+# proj_k scaled by WIDE_KEYS: every QnA layer's logits span more than qna.FACTORED_RANGE (80) in some column of
+# an image, up to several hundred, so qna_windows takes its per-window-max kernel (_qna_rows) instead of the
+# factored one. The float32 reference cannot follow there: its per-image max shift leaves windows whose every
+# exp underflows to 0 (0 / 0 = NaN), so the reference runs in float64.
+WIDE_KEYS = 100.0
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("seed", [0, 3])
+def test_wide_logits_take_the_per_window_max_path(torch, monkeypatch, seed):
+    # stage maps 11x6, 6x3, 3x2, 2x1 (odd, k = 5 wider than stage 1's map); 4 QnA blocks + 3 stride-2 blocks
+    cfg = QnAViTConfig(embed_dim=8, qna_depths=(1, 1, 1, 1), msa_depths=(0, 1, 0, 1), qna_heads=(2, 4, 8, 16),
+                       msa_heads=(1, 2, 4, 8), qna_kernel_sizes=(3, 5, 3, 3), msa_windows=(7, 3, 7, 1), num_classes=7)
+    ref = _reference_from_config(cfg, seed)
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, FusedKQnA):
+                mod.proj_k.weight.mul_(WIDE_KEYS)
+    model = _engine_from_reference(ref, cfg)
+    ref64 = copy.deepcopy(ref).double()
+    x = image(seed, 2, 44, 24)
+    paths = collections.Counter()
+    split_rows = qna.split_rows
+
+    def spy(fn, *args):
+        paths[fn.__name__] += 1
+        return split_rows(fn, *args)
+
+    monkeypatch.setattr(qna, "split_rows", spy)
+    feats = model.forward_features(x)
+    assert paths == {"_qna_rows": 7}, paths   # every QnA layer, none on the factored path
+    for i, (f, r) in enumerate(zip(feats, torch_run(ref64, x.astype(np.float64), features=True))):
+        assert_logits_close(f, r, what=f"stage {i} features", op="features")
+    assert_logits_close(model(x), torch_run(ref64, x.astype(np.float64)), what="logits")
 
 
 # -- every registered variant at full size (numba; the NumPy backend once, on tiny) ----------------------------
