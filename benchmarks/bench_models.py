@@ -8,13 +8,16 @@ A final table (ratios qnalo / competitor) is printed and written under benchmark
 import os
 import statistics
 import tempfile
+import time
 
 import pytest
 
 import harness
 from harness import CASES, ENGINES, RESULTS
 
-ORDER = [(case, engine) for case in CASES for engine in ENGINES]
+# Between two engines' calls: ONNX Runtime's threads keep spinning > 10 ms after a call returns, so without a
+# pause the next engine would be timed on a busy CPU.
+PAUSE_S = 0.05
 
 
 @pytest.fixture(scope="session")
@@ -26,42 +29,68 @@ def torch_logits(artifacts):
     return {case: run(harness.make_input(batch)) for case, batch in CASES.items()}
 
 
-def _skip(key, why):
-    RESULTS["skipped"][key] = why
-    pytest.skip(why)
-
-
-@pytest.mark.parametrize("case,engine", ORDER, ids=[f"{c}-{e}" for c, e in ORDER])
-def bench_inference(benchmark, artifacts, torch_logits, case, engine):
+def _ready_engine(engine, artifacts, case, x, torch_logits):
+    """The engine's run function for this case after one checked call (its parity recorded), or None with the
+    reason recorded as skipped."""
     import numpy as np
 
-    batch = CASES[case]
     why = harness.engine_unavailable(engine, artifacts)
     if why:
-        _skip((case, engine), why)
+        RESULTS["skipped"][(case, engine)] = why
+        return None
     try:
-        run = harness.make_engine(engine, artifacts, batch)
-    except Exception as exc:
-        _skip((case, engine), f"could not build: {type(exc).__name__}: {str(exc)[:200]}")
-    x = harness.make_input(batch)
-    try:
+        run = harness.make_engine(engine, artifacts, CASES[case])
         y = run(x)
     except Exception as exc:
-        _skip((case, engine), f"inference failed: {type(exc).__name__}: {str(exc)[:200]}")
+        RESULTS["skipped"][(case, engine)] = f"could not run: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
     ref = torch_logits.get(case)
-    same_weights = engine != "qnalo" or artifacts.qnalo is not None
-    if ref is not None and same_weights:
+    if ref is not None and (engine != "qnalo" or artifacts.qnalo is not None):
         diff = float(np.abs(np.asarray(y, np.float64) - ref).max())
         RESULTS["parity"][(case, engine)] = diff
         bound = 1e-4 * max(1.0, float(np.abs(ref).max()))
         if diff > bound:
             RESULTS["notes"].append(f"PARITY: {engine} {case} max abs diff {diff:.3g} > {bound:.3g}")
-        benchmark.extra_info["max_abs_diff_vs_torch"] = diff
+    return run
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def bench_inference(benchmark, artifacts, torch_logits, case):
+    """Every engine on the same input, interleaved: before each of qnalo's timed rounds (pytest-benchmark's),
+    the setup times one call of each other engine, PAUSE_S apart, so all of them see the same machine state
+    (frequency, other load) within a round."""
+    batch = CASES[case]
+    x = harness.make_input(batch)
+    runs = {engine: _ready_engine(engine, artifacts, case, x, torch_logits) for engine in ENGINES}
+    if runs["qnalo"] is None:
+        pytest.skip(RESULTS["skipped"][(case, "qnalo")])
+    others = [engine for engine in ENGINES if engine != "qnalo" and runs[engine] is not None]
+    times = {engine: [] for engine in others}
+    rounds_seen = [0]
+
+    def others_once():
+        timed = rounds_seen[0] >= harness.WARMUP      # pedantic's warm-up rounds call setup too
+        rounds_seen[0] += 1
+        for engine in others:
+            time.sleep(PAUSE_S)
+            start = time.perf_counter()
+            runs[engine](x)
+            if timed:
+                times[engine].append(time.perf_counter() - start)
+        time.sleep(PAUSE_S)
+        return (x,), {}
+
     benchmark.group = f"{harness.VARIANT}-{harness.IMG}-{case}"
-    benchmark.extra_info.update(engine=engine, batch=batch, threads=harness.THREADS)
-    benchmark.pedantic(run, args=(x,), rounds=harness.ROUNDS[batch], warmup_rounds=harness.WARMUP, iterations=1)
+    benchmark.extra_info.update(batch=batch, threads=harness.THREADS, cpu=harness.cpu_description(),
+                                interleaved_with=others)
+    benchmark.pedantic(runs["qnalo"], setup=others_once, rounds=harness.ROUNDS[batch],
+                       warmup_rounds=harness.WARMUP, iterations=1)
     if benchmark.stats is not None:  # None under --benchmark-disable
-        harness.record_timing(case, engine, benchmark.stats.stats, batch)
+        harness.record_timing(case, "qnalo", benchmark.stats.stats, batch)
+        for engine in others:
+            harness.record_timing(case, engine, harness.Stats.of(times[engine]), batch)
+        benchmark.extra_info.update({f"{engine}_median_s": RESULTS["timing"][(case, engine)]["median"]
+                                     for engine in others})
 
 
 def _probe_or_skip(engine, artifacts, key, **kw):

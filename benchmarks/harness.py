@@ -223,14 +223,36 @@ def threads_in_effect():
 
 
 def cpu_name():
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+# The instruction-set extensions that decide which kernels and precisions an engine can use.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_description():
+    """The CPU a report was measured on: vendor, family, model, name and the ISA extensions that matter here,
+    e.g. "GenuineIntel family 6 model 143 (Intel(R) Xeon(R) ...): avx2 fma avx512f ... amx_tile"."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    have = " ".join(flag for flag in ISA_FLAGS if flag in flags) or "none of " + " ".join(ISA_FLAGS)
+    return (f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')} "
+            f"({cpu_name()}): {have}")
+
+
+def _cpuinfo():
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +287,22 @@ def run_probe(engine, art, calls, batch=1, extra_env=None, timeout=900):
 RESULTS = {"timing": {}, "parity": {}, "rss": {}, "cold": {}, "skipped": {}, "notes": []}
 
 
+@dataclasses.dataclass
+class Stats:
+    """The statistics record_timing reads, for times measured outside pytest-benchmark."""
+    median: float
+    min: float
+    mean: float
+    stddev: float
+    rounds: int
+
+    @classmethod
+    def of(cls, times):
+        import statistics
+        return cls(statistics.median(times), min(times), statistics.mean(times),
+                   statistics.stdev(times) if len(times) > 1 else 0.0, len(times))
+
+
 def record_timing(case, engine, stats, batch):
     RESULTS["timing"][(case, engine)] = {"median": stats.median, "min": stats.min, "mean": stats.mean,
                                          "stddev": stats.stddev, "rounds": stats.rounds, "batch": batch}
@@ -277,7 +315,9 @@ def _fmt_ms(s):
 def render_report():
     lines = []
     t = RESULTS["timing"]
-    lines.append(f"# {VARIANT} at {IMG}x{IMG}, {THREADS} threads, CPU: {cpu_name()} ({os.cpu_count()} logical CPUs)")
+    lines.append(f"# {VARIANT} at {IMG}x{IMG}, {THREADS} threads, {os.cpu_count()} logical CPUs")
+    lines.append("")
+    lines.append(f"CPU: {cpu_description()}")
     lines.append("")
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     lines.append("")
