@@ -13,6 +13,7 @@ import threading
 import time
 
 import numba as nb
+from numba.core.compiler_lock import global_compiler_lock
 
 # Fast-math flags that let LLVM vectorise and reassociate, but keep NaN/Inf semantics (no nnan/ninf):
 # a NaN input propagates to the output instead of being silently turned into a number.
@@ -51,7 +52,7 @@ def _choose_cache():
         return True, (f"qnalo: the kernel cache beside the installed package ({here}) is not writable; "
                       f"compiled kernels are cached in {fallback} instead")
     return False, (f"qnalo: no writable folder for the kernel cache ({here}, {fallback}); kernels are compiled "
-                   "in every process (about 15 s each time); set NUMBA_CACHE_DIR to a writable folder")
+                   "in every process (about 10 s each time); set NUMBA_CACHE_DIR to a writable folder")
 
 
 CACHE, CACHE_NOTICE = _choose_cache()
@@ -62,6 +63,44 @@ CACHE, CACHE_NOTICE = _choose_cache()
 # machine compiles. nogil=True: kernels run in parallel from several threads.
 kernel = functools.partial(nb.njit, cache=CACHE, fastmath=FASTMATH, error_model="numpy", nogil=True)
 inline_kernel = functools.partial(kernel, inline="always")
+
+
+def ahead_kernel(*arg_types):
+    """A kernel declared with the argument types the models pass it (ahead_types): a machine's first run compiles
+    it for them before the first model, in parallel with the other kernels (_precompile.py). Other argument types
+    compile a specialization of their own when first used, as with `kernel`."""
+    def declare(py_func):
+        dispatcher = kernel()(py_func)
+        dispatcher.ahead_types = arg_types
+        return dispatcher
+    return declare
+
+
+def one_signature_kernel(*arg_types):
+    """An ahead_kernel compiled for these argument types alone, when first used (called, or typed inside a kernel
+    that calls it); other arguments are converted to them, e.g. a C-contiguous array to an 'A' one, a literal 0
+    to an int64. Numba would compile one specialization per array layout and per literal in a calling kernel:
+    the GEMM had five on a cold start, ~1.5 s each, and each calling kernel optimised its own again."""
+    def declare(py_func):
+        dispatcher = ahead_kernel(*arg_types)(py_func)
+        if not isinstance(dispatcher, nb.core.dispatcher.Dispatcher):   # NUMBA_DISABLE_JIT: the Python function
+            return dispatcher
+        compile_any = dispatcher.compile
+
+        def compile_declared(_requested):
+            with global_compiler_lock:   # a thread that also found it uncompiled waits for this one
+                if arg_types not in dispatcher.overloads:
+                    compile_any(arg_types)
+                    dispatcher.disable_compile()   # later arguments resolve to it by conversion
+            return dispatcher.overloads[arg_types].entry_point
+        dispatcher.compile = compile_declared
+        return dispatcher
+    return declare
+
+
+def array(ndim, layout="C", readonly=False, dtype=nb.float32):
+    """The Numba type of an array argument in an ahead_kernel's declaration ('A': any strides)."""
+    return nb.types.Array(dtype, ndim, layout, readonly=readonly)
 
 
 def available_cpus():

@@ -4,9 +4,10 @@ For output pixel (ho, wo) and tap k = 2i + j the sample point is y = 2ho + i + o
 (float32, as the official CUDA kernel computes it). A sample is 0 unless -1 < y < H and -1 < x < W; inside that
 band it is bilinear over the 4 integer neighbours, a neighbour outside the image contributing 0 (weights are not
 renormalised). The result, cols (B, Ho, Wo, 4, C), multiplied by the (4C, 2C) weight is the deformable conv."""
+import numba as nb
 import numpy as np
 
-from ._jit import kernel, split_rows
+from ._jit import ahead_kernel, array, split_rows
 
 
 def space_to_depth2_ref(x):
@@ -52,7 +53,7 @@ def deform_sample(x, offsets):
     return cols
 
 
-@kernel()
+@ahead_kernel(array(4), array(4), array(5), nb.int64, nb.int64)
 def _deform_sample_rows(x, offsets, cols, start, stop):
     b, h, w, c = x.shape
     _, ho, wo, _ = offsets.shape

@@ -2,9 +2,10 @@
 
 The fc1 bias is folded in here (`pre_bias`): fc1's GEMM leaves it out, and the conv adds it to every
 in-image sample, so zero padding stays zero exactly as in the official fc1 -> dwconv order."""
+import numba as nb
 import numpy as np
 
-from ._jit import kernel, split_rows
+from ._jit import ahead_kernel, array, split_rows
 from .gelu import gelu32, gelu_ref
 from .simd import vadd, vfma, vload, vstore
 
@@ -30,7 +31,8 @@ def dwconv3x3_gelu(h, pre_bias, weight, bias):
     return out
 
 
-@kernel()
+@ahead_kernel(array(4), array(1, readonly=True), array(3, readonly=True), array(1, readonly=True), array(4), nb.int64,
+              nb.int64)
 def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
     """Rows [start, stop) of the B*H output rows. Per pixel, channels in blocks of 64: eight vec8 sums stay in
     registers over the pixel's in-image taps (eight chains, so the FMA latency overlaps: one chain per 8

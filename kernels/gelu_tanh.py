@@ -6,9 +6,10 @@ x, the far negative tail included (there 1 + tanh(u) would cancel: a rational ta
 made gelu(-4e4) = +2e-3). The reference uses np.tanh in float64."""
 import math
 
+import numba as nb
 import numpy as np
 
-from ._jit import kernel, split_rows
+from ._jit import ahead_kernel, array, split_rows
 from .softmax import exp_inplace
 
 C1 = math.sqrt(2.0 / math.pi)
@@ -31,7 +32,7 @@ def bias_gelu_tanh_ref(y, bias):
     return y
 
 
-@kernel()
+@ahead_kernel(array(2), array(1, readonly=True), nb.int64, nb.int64)
 def _bias_gelu_tanh_rows(y, bias, start, stop):
     c = y.shape[1]
     e = np.empty(c, np.float32)

@@ -29,10 +29,11 @@ threads spinning on the other core after each call, which had slowed the Numba k
 GEMMs."""
 import math
 
+import numba as nb
 import numpy as np
 
 from . import _jit
-from ._jit import inline_kernel, kernel, split_rows
+from ._jit import array, inline_kernel, kernel, one_signature_kernel, split_rows
 from .simd import (HAS_AVX512, vadd, vbroadcast, vfma, vload, vstore, vzero, wadd, wbroadcast, wfma, wload, wstore,
                    wzero)
 
@@ -217,21 +218,25 @@ def _wide_tile(a, ia, rs, ks, b, ib, ib2, kc):
 
 
 @kernel()
-def _wide_store_row(y, iy, v0, v1, accumulate):
+def _wide_store_row(y, iy, v0, v1, halves, accumulate):
+    """Write (or add) the first `halves` (1 or 2) 16-lane halves of a tile row at y.flat[iy]."""
     if accumulate:
         v0 = wadd(v0, wload(y, iy))
-        v1 = wadd(v1, wload(y, iy + NR))
     wstore(y, iy, v0)
-    wstore(y, iy + NR, v1)
+    if halves == 2:
+        if accumulate:
+            v1 = wadd(v1, wload(y, iy + NR))
+        wstore(y, iy + NR, v1)
 
 
 @kernel()
 def _wide_store(y, row, col, acc, rows, cols, accumulate, scratch):
-    """Write (or add) the top-left rows x cols of a 6x32 tile into y[row:, col:] (through scratch unless whole)."""
-    if rows == MR and cols == 2 * NR:
+    """Write (or add) the top-left rows x cols of a 6x32 tile into y[row:, col:] (through scratch unless whole
+    rows of one or both panels)."""
+    if rows == MR and (cols == NR or cols == 2 * NR):
         ldy = y.strides[0] // 4
         for r in range(MR):
-            _wide_store_row(y, (row + r) * ldy + col, acc[2 * r], acc[2 * r + 1], accumulate)
+            _wide_store_row(y, (row + r) * ldy + col, acc[2 * r], acc[2 * r + 1], cols // NR, accumulate)
         return
     for r in range(MR):
         wstore(scratch, 2 * NR * r, acc[2 * r])
@@ -240,33 +245,78 @@ def _wide_store(y, row, col, acc, rows, cols, accumulate, scratch):
 
 
 @inline_kernel()
-def _panels_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, wide, y, scratch):
-    """y[i0:i0+mc, panel p, and p+1 if wide] (+)= x[i0:i0+mc, k0:k0+kc] @ those panels' K block: the full
-    6-row tiles read x in place, the partial last one reads `edge` (its rows packed, zero-padded to 6, at
-    edge_at); the first K block writes, the later ones add."""
+def _panel_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, y, scratch):
+    """y[i0:i0+mc, panel p] (+)= x[i0:i0+mc, k0:k0+kc] @ the panel's K block by the 6x16 tile: the full 6-row
+    tiles read x in place, the partial last one reads `edge` (its rows packed, zero-padded to 6, at edge_at);
+    the first K block writes, the later ones add."""
     ldx = x.strides[0] // 4
-    width = 2 * NR if wide else NR
-    cols = min(width, y.shape[1] - p * NR)
+    cols = min(NR, y.shape[1] - p * NR)
     ib = (p * x.shape[1] + k0) * NR
-    ib2 = ib + x.shape[1] * NR                               # the next panel, at the same k
     full = mc // MR
     for t in range(-(-mc // MR)):
         rows = min(MR, mc - t * MR)
-        if wide:
-            if t < full:
-                wide_acc = _wide_tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, ib2, kc)
-            else:
-                wide_acc = _wide_tile(edge, edge_at, 1, MR, panels, ib, ib2, kc)
-            _wide_store(y, i0 + t * MR, p * NR, wide_acc, rows, cols, k0 > 0, scratch)
+        if t < full:
+            acc = _tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, kc)
         else:
-            if t < full:
-                acc = _tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, kc)
-            else:
-                acc = _tile(edge, edge_at, 1, MR, panels, ib, kc)
-            _store(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
+            acc = _tile(edge, edge_at, 1, MR, panels, ib, kc)
+        _store(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
 
 
-@kernel()
+@inline_kernel()
+def _panel_pair_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, p1, y, scratch):
+    """As _panel_times_rows for panels p and p+1 by the 6x32 tile. A last single panel (p + 1 = p1) fills both
+    halves of the tile and its second half is dropped: the tile sums each element as the 6x16 one does, so
+    the 6x16 tile's code is left out of this kernel."""
+    ldx = x.strides[0] // 4
+    cols = min(2 * NR if p + 1 < p1 else NR, y.shape[1] - p * NR)
+    ib = (p * x.shape[1] + k0) * NR
+    ib2 = ib + x.shape[1] * NR if p + 1 < p1 else ib        # the next panel, at the same k
+    full = mc // MR
+    for t in range(-(-mc // MR)):
+        rows = min(MR, mc - t * MR)
+        if t < full:
+            acc = _wide_tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, ib2, kc)
+        else:
+            acc = _wide_tile(edge, edge_at, 1, MR, panels, ib, ib2, kc)
+        _wide_store(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
+
+
+def _gemm_block_kernel(wide):
+    """The kernel of gemm_block for one tile, the other's code left out (wide, a closure variable, is a
+    constant to Numba): on an AVX-512 CPU the 6x16 tile took ~0.9 s of gemm_block's ~2.8 s to compile."""
+
+    @one_signature_kernel(array(2, "A", readonly=True), array(3, readonly=True), array(2, "A"), nb.int64,
+                          nb.int64, nb.int64, nb.int64)
+    def gemm_tiles(x, panels, y, m0, m1, p0, p1):
+        k_total = x.shape[1]
+        k_blocks = -(-k_total // KC)
+        steps = -(-(p1 - p0) // 2) if wide else p1 - p0       # tiles across the panels: pairs, or single panels
+        # an x that stays in L2 whole is one M block, and each panel is taken over all of K before the next:
+        # the weight, read once, streams from memory in order (a batch-1 pass past stage 0)
+        whole = (m1 - m0) * k_total <= X_IN_L2
+        block = max(m1 - m0, 1) if whole else MC               # (an empty block of rows does nothing)
+        scratch = np.empty(MR * 2 * NR, np.float32)
+        edge = np.empty(MR * k_total, np.float32)              # an M block's partial tile, zero-padded, all of K
+        for i0 in range(m0, m1, block):
+            mc = min(block, m1 - i0)
+            full = mc // MR * MR
+            _pack_rows(x, i0 + full, mc - full, 0, k_total, edge)
+            for step in range(steps * k_blocks):
+                across, down = (step // k_blocks, step % k_blocks) if whole else (step % steps, step // steps)
+                k0 = down * KC
+                if wide:
+                    _panel_pair_times_rows(x, i0, mc, k0, min(KC, k_total - k0), edge, k0 * MR, panels,
+                                           p0 + 2 * across, p1, y, scratch)
+                else:
+                    _panel_times_rows(x, i0, mc, k0, min(KC, k_total - k0), edge, k0 * MR, panels, p0 + across, y,
+                                      scratch)
+    return gemm_tiles
+
+
+GEMM_BLOCKS = {wide: _gemm_block_kernel(wide) for wide in (False, True)}
+gemm_tiles = GEMM_BLOCKS[HAS_AVX512]   # the kernel this CPU runs (and the kernels that call it)
+
+
 def gemm_block(x, panels, y, m0, m1, p0, p1, wide):
     """y[m0:m1, panels p0:p1] = x[m0:m1] @ w for the weight packed as `panels` (P, K, 16); `wide`: pairs of
     panels by the AVX-512 6x32 tile (the same sums).
@@ -274,25 +324,7 @@ def gemm_block(x, panels, y, m0, m1, p0, p1, wide):
     x's rows may have any stride (its columns are contiguous). Full 6-row tiles read x in place: packing x
     (as BLIS does) measured slower here, a scalar copy costing as much as the products with 4-6 panels. Only
     the last partial tile of each M block is copied, zero-padded to 6 rows."""
-    k_total = x.shape[1]
-    k_blocks = -(-k_total // KC)
-    steps = -(-(p1 - p0) // 2) if wide else p1 - p0       # tiles across the panels: pairs, the last maybe single
-    # an x that stays in L2 whole is one M block, and each panel is taken over all of K before the next: the
-    # weight, read once, streams from memory in order (a batch-1 pass past stage 0)
-    whole = (m1 - m0) * k_total <= X_IN_L2
-    block = max(m1 - m0, 1) if whole else MC               # (an empty block of rows does nothing)
-    scratch = np.empty(MR * 2 * NR, np.float32)
-    edge = np.empty(MR * k_total, np.float32)                # an M block's partial tile, zero-padded, all of K
-    for i0 in range(m0, m1, block):
-        mc = min(block, m1 - i0)
-        full = mc // MR * MR
-        _pack_rows(x, i0 + full, mc - full, 0, k_total, edge)
-        for step in range(steps * k_blocks):
-            across, down = (step // k_blocks, step % k_blocks) if whole else (step % steps, step // steps)
-            p = p0 + (2 * across if wide else across)
-            k0 = down * KC
-            _panels_times_rows(x, i0, mc, k0, min(KC, k_total - k0), edge, k0 * MR, panels, p,
-                               wide and p + 1 < p1, y, scratch)
+    GEMM_BLOCKS[wide](x, panels, y, m0, m1, p0, p1)
 
 
 # From this many rows a GEMM's threads split the rows (each reads all of the weight); below, the panels.
@@ -321,8 +353,7 @@ def matmul(x, weight: PackedWeight, out=None):
     p = panels.shape[0]
     if m >= SPLIT_ROWS_FROM or p < 2 * _jit.NUM_THREADS:
         tiles = -(-m // MR)
-        split_rows(lambda s, e: gemm_block(x, panels, out, s * MR, min(e * MR, m), 0, p, HAS_AVX512), tiles,
-                   MR * k * n)
+        split_rows(lambda s, e: gemm_tiles(x, panels, out, s * MR, min(e * MR, m), 0, p), tiles, MR * k * n)
     else:
-        split_rows(lambda s, e: gemm_block(x, panels, out, 0, m, s, e, HAS_AVX512), p, m * k * NR)
+        split_rows(lambda s, e: gemm_tiles(x, panels, out, 0, m, s, e), p, m * k * NR)
     return out

@@ -10,11 +10,11 @@ its Hi-Fi window), and it counts as a zero in the Lo-Fi ws x ws average. Queries
 The score scale multiplies q.k (not q), as in the official code."""
 import math
 
+import numba as nb
 import numpy as np
 
-from ._jit import kernel, split_rows
-from .gemm import NR, gemm_block
-from .simd import HAS_AVX512
+from ._jit import ahead_kernel, array, one_signature_kernel, split_rows
+from .gemm import NR, gemm_tiles
 from .softmax import softmax_rows_block
 
 
@@ -67,7 +67,7 @@ def lofi_attention_ref(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, 
     return out
 
 
-@kernel()
+@ahead_kernel(array(4), nb.int64)
 def window_avgpool(x, ws):
     b, h, w, c = x.shape
     gh = (h + ws - 1) // ws
@@ -97,7 +97,7 @@ def hifi_attention(qkv, qkv_bias, ws, heads, head_dim, scale, out):
     return out
 
 
-@kernel()
+@ahead_kernel(array(4), array(1), nb.int64, nb.int64, nb.int64, nb.float32, array(4), nb.int64, nb.int64)
 def _hifi_windows(qkv, qkv_bias, ws, heads, head_dim, scale32, out, start, stop):
     b, h, w, _ = qkv.shape
     dim = heads * head_dim
@@ -173,7 +173,8 @@ def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out,
     return out
 
 
-@kernel()
+@one_signature_kernel(array(3, "A", readonly=True), array(3, readonly=True), nb.int64, nb.int64, nb.float32,
+                      array(3, "A"), nb.int64, nb.int64)
 def _lofi_heads(q, kv, heads, head_dim, scale32, out, start, stop):
     """Tasks start..stop of (image, head): out[n, :, head] = softmax(scale q_h k_h^T) v_h.
     q (B, N, heads*hd) and out (B, N, heads*hd) may be column slices; kv (B, M, 2*heads*hd)."""
@@ -190,7 +191,6 @@ def _lofi_heads(q, kv, heads, head_dim, scale32, out, start, stop):
             for d in range(head_dim):
                 k_panels[s // NR, d, s % NR] = kv[n, s, col + d]
                 v_panels[d // NR, s, d % NR] = kv[n, s, dim + col + d]
-        gemm_block(q[n, :, col:col + head_dim], k_panels, scores, 0, n_queries, 0, k_panels.shape[0], HAS_AVX512)
+        gemm_tiles(q[n, :, col:col + head_dim], k_panels, scores, 0, n_queries, 0, k_panels.shape[0])
         softmax_rows_block(scores, scale32, 0, n_queries)
-        gemm_block(scores, v_panels, out[n, :, col:col + head_dim], 0, n_queries, 0, v_panels.shape[0],
-                   HAS_AVX512)
+        gemm_tiles(scores, v_panels, out[n, :, col:col + head_dim], 0, n_queries, 0, v_panels.shape[0])

@@ -2,9 +2,10 @@
 
 Rows are tokens (N, C), float32, C-contiguous. Statistics are accumulated in float64 (two passes) so the
 kernel is at least as accurate as PyTorch's float32 LayerNorm."""
+import numba as nb
 import numpy as np
 
-from ._jit import inline_kernel, kernel, split_rows
+from ._jit import ahead_kernel, array, inline_kernel, split_rows
 
 
 def layernorm_ref(x, weight, bias, eps, out=None):
@@ -47,20 +48,21 @@ def _normalise_row(x, weight, bias, eps, out):
         out[j] = np.float32((x[j] - mean) * inv) * weight[j] + bias[j]
 
 
-@kernel()
+@ahead_kernel(array(2), array(1, readonly=True), array(1, readonly=True), nb.float64, array(2), nb.int64, nb.int64)
 def _layernorm_rows(x, weight, bias, eps, out, start, stop):
     for i in range(start, stop):
         _normalise_row(x[i], weight, bias, eps, out[i])
 
 
-@kernel()
+@ahead_kernel(array(2), array(2), array(1, readonly=True), nb.int64, nb.int64)
 def _residual_add_rows(x, y, bias, start, stop):
     for i in range(start, stop):
         for j in range(x.shape[1]):
             x[i, j] += y[i, j] + bias[j]
 
 
-@kernel()
+@ahead_kernel(array(2), array(2), array(1, readonly=True), array(1, readonly=True), array(1, readonly=True), nb.float64,
+              array(2), nb.int64, nb.int64)
 def _residual_add_layernorm_rows(x, y, bias, weight, ln_bias, eps, out, start, stop):
     for i in range(start, stop):
         row = x[i]

@@ -35,10 +35,11 @@ max |diff| 5.3e-15 on outputs ~5; qna_attention vs official float32 max 3.3e-6 (
 3.5e-6); at logits ~290 the official float32 output was all inf/NaN and qna_attention finite (1.8e-5 off)."""
 import math
 
+import numba as nb
 import numpy as np
 
 from . import gemm
-from ._jit import inline_kernel, kernel, split_rows
+from ._jit import ahead_kernel, array, inline_kernel, kernel, split_rows
 from .simd import LANES, transpose8, vbroadcast, vfma, vload, vmul, vstore, vzero
 from .softmax import exp_inplace
 
@@ -175,7 +176,7 @@ def qna_windows(lv, rpe, attn_scale, heads, stride, out):
     return out
 
 
-@kernel()
+@ahead_kernel(array(4), nb.int64, array(2), array(2))
 def _logit_stats(lv, nc, top, spread):
     """Per image n and logit column c of lv (B, H, W, nc + F): top = max, spread = max - min, NaN if any logit
     is NaN or infinite."""
@@ -327,7 +328,8 @@ def _head8_two_queries(planes, window, line, offs, rpe_exp_scale, inv, nc, heads
     _store8(acc, hi * 8 * wv + m, wv, sums)
 
 
-@kernel()
+@ahead_kernel(array(4), array(2), array(2), array(2), nb.int64, nb.int64, nb.int64, nb.int64, nb.int64, array(4),
+              nb.int64, nb.int64)
 def _qna_factored_rows(lv, top, rpe_exp, rpe_exp_scale, heads, nq, ksize, stride, wq, out, start, stop):
     """Output rows start..stop of (image, row). Each call first lays out the padded input rows its output rows
     read (a halo of k - 1 rows past its share) as planes (see _plane_row): for output pixel j and window cell

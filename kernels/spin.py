@@ -8,7 +8,7 @@ import platform
 import numba as nb
 import numpy as np
 
-from ._jit import kernel
+from ._jit import ahead_kernel, array
 
 if nb.config.DISABLE_JIT:
     def load_acquire(arr, idx):
@@ -60,7 +60,7 @@ else:
         return types.none(), codegen
 
 
-@kernel()
+@ahead_kernel(array(2, dtype=nb.int64), nb.int64, nb.int64, nb.int64, nb.int64, nb.int64)
 def wait_until(counter, idx, value, spins, settle, alarm):
     """Spin until counter.flat[idx] >= value, at most `spins` pauses, then `settle` pauses more. Returns 1 if
     it got there, 0 if not, 2 as soon as counter.flat[alarm] is non-zero (alarm < 0: none)."""
@@ -77,7 +77,7 @@ def wait_until(counter, idx, value, spins, settle, alarm):
     return 2 if alarm >= 0 and load_acquire(counter, alarm) != 0 else 0
 
 
-@kernel()
+@ahead_kernel(array(2, dtype=nb.int64), nb.int64, nb.int64, nb.int64, nb.int64, nb.int64, nb.int64, nb.int64)
 def signal_and_wait(counter, signal, value, idx, target, spins, settle, alarm):
     """counter.flat[signal] = value, stored once the GIL is released, so that a thread waiting for it finds
     the GIL free; then wait_until(counter, idx, target, spins, settle, alarm)."""

@@ -10,11 +10,11 @@ on channels-last maps, the windows read in place (the map is never split into wi
 Windows are w x w tiles of the map, row-major, no shift; w must divide H and W. Per window and head:
 softmax((q / sqrt(d)) . k^T + rel_bias) @ v (q scaled before the product, as in the official code), the max
 subtracted per query row."""
+import numba as nb
 import numpy as np
 
-from ._jit import kernel, split_rows
-from .gemm import NR, gemm_block
-from .simd import HAS_AVX512
+from ._jit import ahead_kernel, array, split_rows
+from .gemm import NR, gemm_tiles
 from .softmax import softmax_rows_block
 
 
@@ -48,12 +48,12 @@ def window_msa(qkv, rel_bias, window, heads, out):
     b, h, w, _ = qkv.shape
     tasks = b * (h // window) * (w // window) * heads
     split_rows(_window_heads, tasks, 4 * window ** 4 * d, qkv, np.ascontiguousarray(rel_bias, np.float32),
-               window, heads, np.float32(1.0 / np.sqrt(d)), out, HAS_AVX512)
+               window, heads, np.float32(1.0 / np.sqrt(d)), out)
     return out
 
 
-@kernel()
-def _window_heads(qkv, rel_bias, ws, heads, scale, out, wide, start, stop):
+@ahead_kernel(array(4), array(3), nb.int64, nb.int64, nb.float32, array(4), nb.int64, nb.int64)
+def _window_heads(qkv, rel_bias, ws, heads, scale, out, start, stop):
     b, h, w, n_cols = qkv.shape
     d = n_cols // (3 * heads)
     gh = h // ws
@@ -77,13 +77,13 @@ def _window_heads(qkv, rel_bias, ws, heads, scale, out, wide, start, stop):
                 q[t, j] = src[base + j] * scale
                 k_panels[t // NR, j, t % NR] = src[base + d + j]
                 v_panels[j // NR, t, j % NR] = src[base + 2 * d + j]
-        gemm_block(q, k_panels, scores, 0, seq, 0, k_panels.shape[0], wide)
+        gemm_tiles(q, k_panels, scores, 0, seq, 0, k_panels.shape[0])
         bias = rel_bias[hd]
         for t in range(seq):
             for s in range(seq):
                 scores[t, s] += bias[t, s]
         softmax_rows_block(scores, np.float32(1.0), 0, seq)
-        gemm_block(scores, v_panels, o, 0, seq, 0, v_panels.shape[0], wide)
+        gemm_tiles(scores, v_panels, o, 0, seq, 0, v_panels.shape[0])
         for t in range(seq):
             dst = out[n, gy * ws + t // ws, gx * ws + t % ws]
             for j in range(d):

@@ -1,5 +1,6 @@
 """kernels/_jit: row splitting across threads gives bit-identical results to one thread, runs every row once
-however the shares are handed over, and survives errors and concurrent callers; the page release of LLVM."""
+however the shares are handed over, and survives errors and concurrent callers; the page release of LLVM; kernels
+declared with one signature compile it once, whatever the layouts and threads that call them."""
 import os
 import sys
 import threading
@@ -9,7 +10,7 @@ import numba
 import numpy as np
 import pytest
 
-from qnalo.kernels import _jit, deform_conv, dwconv_gelu, gemm, hilo, layernorm, qna, softmax
+from qnalo.kernels import _jit, deform_conv, dwconv_gelu, gemm, hilo, layernorm, qna, softmax, window_msa
 
 
 def _all_kernels(rng):
@@ -181,3 +182,60 @@ def test_threads_sharing_the_workers_get_the_single_thread_result(monkeypatch):
     for t in threads:
         t.join()
     assert failures == []
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="specializations of the JIT")
+def test_gemm_tiles_and_lofi_heads_compile_one_specialization_for_every_layout_and_caller():
+    """gemm_tiles and hilo._lofi_heads (one_signature_kernel) take C-contiguous and strided arrays, from Python
+    and from kernels that pass literal arguments, with one compiled specialization each (a cold start had
+    compiled five and two), whose results agree across the layouts."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((24, 40)).astype(np.float32)
+    weight = gemm.PackedWeight(w)
+    x = rng.standard_normal((30, 32)).astype(np.float32)
+    out = np.zeros((30, 48), np.float32)
+    contiguous = gemm.matmul(np.ascontiguousarray(x[:, :24]), weight)
+    strided = gemm.matmul(x[:, :24], weight, out[:, 8:])                   # rows of x and out both strided
+    np.testing.assert_array_equal(contiguous, strided)
+    np.testing.assert_allclose(contiguous, x[:, :24] @ w, rtol=1e-5, atol=1e-4)
+    for q_col, n_cols in ((0, 8), (8, 24)):       # q (and out) C-contiguous, then column slices
+        qkv = rng.standard_normal((2, 3, 4, n_cols)).astype(np.float32)
+        kv = rng.standard_normal((2, 5, 16)).astype(np.float32)
+        q_bias, kv_bias = rng.standard_normal(8).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+        expect = hilo.lofi_attention_ref(qkv, q_col, q_bias, kv, kv_bias, 2, 4, 0.5, np.zeros((2, 3, 4, 8)), 0)
+        got = hilo.lofi_attention(qkv.copy(), q_col, q_bias, kv.copy(), kv_bias, 2, 4, 0.5,
+                                  np.zeros((2, 3, 4, 8), np.float32), 0)
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+    qkv = rng.standard_normal((1, 4, 4, 3 * 8)).astype(np.float32)
+    window_msa.window_msa(qkv, rng.standard_normal((2, 4, 4)).astype(np.float32), 2, 2,
+                          np.zeros((1, 4, 4, 8), np.float32))
+    assert len(gemm.gemm_tiles.signatures) == 1
+    assert len(hilo._lofi_heads.signatures) == 1
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="specializations of the JIT")
+def test_a_one_signature_kernel_first_called_from_two_threads_at_once_compiles_once():
+    @_jit.one_signature_kernel(_jit.array(1, "A"), _jit.nb.float32)
+    def scale(x, factor):
+        for i in range(x.shape[0]):
+            x[i] *= factor
+
+    arrays = [np.ones(5, np.float32), np.ones(10, np.float32)[::2]]   # C-contiguous, and strided
+    start, errors = threading.Barrier(len(arrays)), []
+
+    def call(x):
+        start.wait()
+        try:
+            scale(x, np.float32(3.0))
+        except Exception as exc:   # the one that found it being compiled must wait, not fail
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(x,)) for x in arrays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all((x == 3.0).all() for x in arrays)
+    assert len(scale.signatures) == 1
+

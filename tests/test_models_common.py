@@ -1,4 +1,5 @@
-"""qnalo/models/common.py: the warm-up that loads a model's kernels before its weights, and read-only tensors."""
+"""qnalo/models/common.py: the warm-up that loads a model's kernels before its weights (on a machine's first run,
+compiling them in parallel processes: kernels/_precompile.py), and read-only tensors."""
 import json
 import os
 import subprocess
@@ -65,6 +66,116 @@ def test_a_loaded_file_warms_up_the_same_kernels(tmp_path):
         model = qnalo.create_model("qna_vit_tiny")
     qnalo.weights.save_weights(path, type(model).random_tensors(model.config), "qna_vit", model.config.to_dict())
     assert _kernels_loaded_by_the_forward(path, 224, 1) == {}
+
+
+DECLARED_PROBE = PROBE[:PROBE.index("warnings.simplefilter")] + r"""
+from qnalo import demo
+from qnalo.kernels import _precompile
+from qnalo.models import common
+warnings.simplefilter("ignore")
+for unit in _precompile.UNITS:
+    for name in unit:
+        kernel = _precompile.kernel(name)
+        kernel.compile(kernel.ahead_types)
+before = overloads()
+for cls, _, cfg in qnalo.MODEL_REGISTRY.values():
+    common.warm_up(cls, cfg)
+for name in demo.DEMO_MODELS:
+    qnalo.load(demo.demo_path(name))
+""" + PROBE[PROBE.index("after = overloads()"):]
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no kernels to load without the JIT")
+def test_the_kernels_compiled_ahead_are_all_the_warm_ups_run_with_the_types_they_pass():
+    """A machine's first run compiles the ahead kernels' declared types in parallel (kernels/_precompile.py);
+    warming every model up after that must need no other kernel and no other specialization."""
+    import importlib
+    import pkgutil
+    from numba.core.registry import CPUDispatcher
+    from qnalo.kernels import _precompile
+    modules = {info.name: importlib.import_module("qnalo.kernels." + info.name)
+               for info in pkgutil.iter_modules(qnalo.kernels.__path__)}
+    declared = {f"{module}.{name}" for module, loaded in modules.items() for name, obj in vars(loaded).items()
+                if isinstance(obj, CPUDispatcher) and hasattr(obj, "ahead_types")
+                and obj.py_func.__module__ == loaded.__name__}
+    in_units = [name for unit in _precompile.UNITS for name in unit]
+    assert sorted(in_units) == sorted(declared)
+    out = subprocess.run([sys.executable, "-c", DECLARED_PROBE], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
+
+
+COLD_START = r"""
+import json
+from numba.core import event
+import qnalo
+from qnalo import demo
+with event.install_recorder("numba:compile") as recorder:
+    for name in demo.DEMO_MODELS:
+        model = qnalo.load(demo.demo_path(name))
+        x = demo.preprocess_digits(model.architecture, demo.heldout()["images"][:20])
+        assert (model(x).argmax(1) == demo.heldout()["torch_" + name][:20]).all()
+depth, compiled = 0, []
+for _, ev in recorder.buffer:   # the kernels this process compiled, not those a kernel compiled for itself
+    depth += 1 if ev.is_start else -1
+    if ev.is_start and depth == 1:
+        function = ev.data["dispatcher"].py_func
+        compiled.append(function.__module__.rsplit(".", 1)[1] + "." + function.__name__)
+print(json.dumps(compiled))
+"""
+
+
+def _processes_naming(text):
+    """The ids of the processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1" or not sys.platform.startswith("linux"),
+                    reason="compiling with the JIT; /proc")
+def test_a_cold_start_compiles_in_two_processes_and_leaves_a_complete_cache(tmp_path):
+    from qnalo.kernels import _precompile
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp"),
+           "QNALO_NUM_THREADS": "2"}
+    cold = subprocess.run([sys.executable, "-c", COLD_START], capture_output=True, text=True, timeout=900, env=env)
+    assert cold.returncode == 0, cold.stderr[-2000:]
+    ahead = {name for unit in _precompile.UNITS for name in unit}
+    here = set(json.loads(cold.stdout.strip().splitlines()[-1]))
+    assert here & ahead and ahead - here, "both processes compile a share of the kernels"
+    assert list((tmp_path / "tmp").iterdir()) == []                     # the claims folder is removed ...
+    assert _processes_naming(str(tmp_path / "tmp")) == []               # ... and no helper is left running
+    warm = subprocess.run([sys.executable, "-c", COLD_START], capture_output=True, text=True, timeout=900, env=env)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    assert json.loads(warm.stdout.strip().splitlines()[-1]) == []        # everything loads from the cache
+
+
+# a helper that claims every unit it can and dies without compiling one
+HELPER_DIES = r"""
+import subprocess, sys
+from qnalo.kernels import _precompile
+CLAIM_ALL_AND_DIE = "import os, sys; [os.close(os.open(os.path.join(sys.argv[1], u), os.O_CREAT | os.O_EXCL)) " \
+    "for u in sys.argv[2:] if not os.path.exists(os.path.join(sys.argv[1], u))]; sys.exit(1)"
+_precompile._start_helper = lambda claims, units: subprocess.Popen(
+    [sys.executable, "-c", CLAIM_ALL_AND_DIE, claims, *map(str, units)])
+""" + COLD_START
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="compiling with the JIT")
+def test_a_helper_that_dies_leaves_its_kernels_to_the_warm_up(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "QNALO_NUM_THREADS": "2"}
+    cold = subprocess.run([sys.executable, "-c", HELPER_DIES], capture_output=True, text=True, timeout=900, env=env)
+    assert cold.returncode == 0, cold.stderr[-2000:]
+    warm = subprocess.run([sys.executable, "-c", COLD_START], capture_output=True, text=True, timeout=900, env=env)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    assert json.loads(warm.stdout.strip().splitlines()[-1]) == []
 
 
 def test_model_tensors_are_read_only_views_the_callers_arrays_stay_writable():

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from ..errors import CheckpointError, InputError, key_mismatches
-from ..kernels import _jit
+from ..kernels import _jit, _precompile
 from ..weights import release_pages
 from .ops import check_dtype, device_ops, get_ops
 
@@ -73,8 +73,8 @@ class Classifier:
         self._ops = get_ops(backend)
         if backend == "numba" and not _jit.nb.config.DISABLE_JIT:   # without the JIT there is nothing to load
             warm_up(type(self), cfg)
-        return {k: _read_only(v if v.dtype == np.float32 and v.flags.c_contiguous else
-                              np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()}
+        return {k: read_only(v if v.dtype == np.float32 and v.flags.c_contiguous else
+                             np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()}
 
     def warm_up_side(self):
         """The image side warm_up runs this model at: its resolution (any side runs)."""
@@ -178,7 +178,7 @@ def _gib(n):
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def _read_only(array):
+def read_only(array):
     """A read-only view: a weights file's tensors are read-only (mmap), and Numba compiles a kernel apart for
     read-only and writable arguments, so every model hands its kernels the same kind whatever its source."""
     view = array.view()
@@ -187,9 +187,9 @@ def _read_only(array):
 
 
 def warm_up(model_cls, cfg):
-    """Loads every kernel a forward pass of cfg runs (from Numba's on-disk cache, or compiling them) by running
-    a miniature model of the same code paths once, starts the worker threads, then hands LLVM's pages back
-    (_jit.release_compiler_pages):
+    """Loads every kernel a forward pass of cfg runs (from Numba's on-disk cache, or compiling them: on a
+    machine's first run, in parallel processes, see kernels/_precompile.py) by running a miniature model of the
+    same code paths once, starts the worker threads, then hands LLVM's pages back (_jit.release_compiler_pages):
     loading kernels touches ~50 MiB of LLVM code that inference never runs. Done before the real weights are
     packed, so that peak memory holds the weights or LLVM, never both. Once per configuration and process."""
     mini = cfg.miniature()
@@ -199,6 +199,7 @@ def warm_up(model_cls, cfg):
     if _jit.CACHE_NOTICE and not _NOTICES:   # a read-only install: said once, when kernels are first loaded
         _NOTICES.append(_jit.CACHE_NOTICE)
         warnings.warn(_jit.CACHE_NOTICE, RuntimeWarning, stacklevel=4)
+    _precompile.compile_ahead()
     model = model_cls(mini, model_cls.random_tensors(mini), backend="numba")
     side = model.warm_up_side()
     if side is None:                    # no input size runs this config: the real forward will say why

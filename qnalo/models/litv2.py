@@ -9,7 +9,8 @@ zero-padded to a multiple of 4, HiLo pads each map to a multiple of its window, 
 import numpy as np
 
 from ..weights import release_pages
-from .common import Classifier, Linear, Norm, check_image_batch, check_tensor_shapes, draw_tensors, head_shapes
+from .common import (Classifier, Linear, Norm, check_image_batch, check_tensor_shapes, draw_tensors, head_shapes,
+                     read_only)
 from .litv2_config import LITv2Config
 
 LN_EPS = 1e-5
@@ -97,8 +98,9 @@ class HiLoAttention:
             self.h_proj = lin("h_proj")
         if self.lo_heads:
             self.l_kv, self.l_proj = lin("l_kv"), lin("l_proj")
-        self.proj_bias = np.concatenate(([self.h_proj.bias] if self.hi_heads else [])
-                                        + ([self.l_proj.bias] if self.lo_heads else []))
+        # read-only, as the weights are: residual_add_layernorm then runs one specialization for both its biases
+        self.proj_bias = read_only(np.concatenate(([self.h_proj.bias] if self.hi_heads else [])
+                                                  + ([self.l_proj.bias] if self.lo_heads else [])))
 
     def __call__(self, ops, xn, b, h, w):
         """xn (B*h*w, C) normalised tokens -> the projected output (B*h*w, C) without its bias, and that bias."""

@@ -15,7 +15,8 @@ from ..errors import InputError
 from ..kernels.qna import fold_queries, qna_output_size
 from ..kernels.window_msa import relative_bias
 from ..weights import release_pages
-from .common import Classifier, Linear, Norm, check_image_batch, check_tensor_shapes, draw_tensors, head_shapes
+from .common import (Classifier, Linear, Norm, check_image_batch, check_tensor_shapes, draw_tensors, head_shapes,
+                     read_only)
 from .qna_vit_config import QnAViTConfig
 
 LN_EPS = 1e-6   # Flax nn.LayerNorm's default (official: fast variance E[x^2] - E[x]^2; here two-pass, ~1e-7 apart)
@@ -150,7 +151,8 @@ class Block:
         self.norm2 = Norm(t, prefix + "norm2")
         self.mlp = Mlp(ops, t, prefix + "mlp.")
         self.skip = Linear(ops, t[prefix + "skip.weight"], None) if skip else None
-        self.zero_bias = np.zeros(self.norm2.weight.shape, np.float32)   # the mixers have no output bias
+        # the mixers have no output bias; read-only, as the weights are (one residual_add_layernorm specialization)
+        self.zero_bias = read_only(np.zeros(self.norm2.weight.shape, np.float32))
 
     def __call__(self, ops, x, xn, b, h, w, next_norm):
         """x (B*h*w, C) residual stream (updated in place unless the block downsamples); xn = norm1(x) on entry.
