@@ -41,7 +41,7 @@ MR, NR = 6, 16          # micro-tile: 6 rows x 16 columns = 12 accumulators of 8
 KC = 256                # K block: the 16 x KC weight panel (16 KiB) stays in L1
 MC = 120                # M block: x's 120 x 256 block (120 KiB) stays in L2 while the panels pass over it
 X_IN_L2 = 3 << 16       # floats (768 KiB, 3/4 of an L2 here): an x this small stays there whole while each
-                        # panel is taken over all of K in turn (gemm_block)
+                        # panel is taken over all of K in turn (gemm_tiles)
 ALIGN = 16              # floats (64 bytes, a cache line): where packed panels and new outputs start, so that no
                         # 16-lane load or store of a panel row or an output tile straddles two lines
 
@@ -282,12 +282,18 @@ def _panel_pair_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, p1, y, s
 
 
 def _gemm_block_kernel(wide):
-    """The kernel of gemm_block for one tile, the other's code left out (wide, a closure variable, is a
-    constant to Numba): on an AVX-512 CPU the 6x16 tile took ~0.9 s of gemm_block's ~2.8 s to compile."""
+    """The GEMM kernel for one tile, the other's code left out (wide, a closure variable, is a constant to
+    Numba): on an AVX-512 CPU the 6x16 tile took ~0.9 s of the kernel's ~2.8 s to compile."""
 
     @one_signature_kernel(array(2, "A", readonly=True), array(3, readonly=True), array(2, "A"), nb.int64,
                           nb.int64, nb.int64, nb.int64)
     def gemm_tiles(x, panels, y, m0, m1, p0, p1):
+        """y[m0:m1, panels p0:p1] = x[m0:m1] @ w for the weight packed as `panels` (P, K, 16), by pairs of
+        panels on the AVX-512 6x32 tile if wide, else by the 6x16 one (the same sums).
+
+        x's rows may have any stride (its columns are contiguous). Full 6-row tiles read x in place: packing x
+        (as BLIS does) measured slower here, a scalar copy costing as much as the products with 4-6 panels.
+        Only the last partial tile of each M block is copied, zero-padded to 6 rows."""
         k_total = x.shape[1]
         k_blocks = -(-k_total // KC)
         steps = -(-(p1 - p0) // 2) if wide else p1 - p0       # tiles across the panels: pairs, or single panels
@@ -313,18 +319,9 @@ def _gemm_block_kernel(wide):
     return gemm_tiles
 
 
+# wide -> the GEMM kernel by that tile (the tests run both; the 6x32 tile runs, slower, on any x86 CPU)
 GEMM_BLOCKS = {wide: _gemm_block_kernel(wide) for wide in (False, True)}
 gemm_tiles = GEMM_BLOCKS[HAS_AVX512]   # the kernel this CPU runs (and the kernels that call it)
-
-
-def gemm_block(x, panels, y, m0, m1, p0, p1, wide):
-    """y[m0:m1, panels p0:p1] = x[m0:m1] @ w for the weight packed as `panels` (P, K, 16); `wide`: pairs of
-    panels by the AVX-512 6x32 tile (the same sums).
-
-    x's rows may have any stride (its columns are contiguous). Full 6-row tiles read x in place: packing x
-    (as BLIS does) measured slower here, a scalar copy costing as much as the products with 4-6 panels. Only
-    the last partial tile of each M block is copied, zero-padded to 6 rows."""
-    GEMM_BLOCKS[wide](x, panels, y, m0, m1, p0, p1)
 
 
 # From this many rows a GEMM's threads split the rows (each reads all of the weight); below, the panels.

@@ -41,7 +41,7 @@ def test_matmul(seed, m, kk, n, x_pad, out_pad):
 @example(seed=0, m=400, kk=600, n=37, m0=0, first_panel=0)     # x over X_IN_L2: the other loop order
 @example(seed=1, m=49, kk=768, n=3072, m0=0, first_panel=0)    # LITv2-S stage 3
 def test_the_wide_tile_gives_the_same_sums_as_the_narrow_one(seed, m, kk, n, m0, first_panel):
-    """gemm_block's AVX-512 6x32 tile (pairs of panels; it runs, slower, on any x86 CPU) and its 6x16 tile give
+    """The GEMM's AVX-512 6x32 tile (pairs of panels; it runs, slower, on any x86 CPU) and its 6x16 tile give
     bit-identical results on any block of rows and panels, odd panel counts and partial tiles included: which
     one a machine uses changes its speed, not its outputs."""
     x, w = _operands(seed, m0 + m, kk, n)
@@ -50,7 +50,7 @@ def test_the_wide_tile_gives_the_same_sums_as_the_narrow_one(seed, m, kk, n, m0,
     got = {}
     for wide in (False, True):
         y = np.full((m0 + m, n), 7.0, np.float32)
-        k.gemm_block(x, panels, y, m0, m0 + m, p0, panels.shape[0], wide)
+        k.GEMM_BLOCKS[wide](x, panels, y, m0, m0 + m, p0, panels.shape[0])
         got[wide] = y
     np.testing.assert_array_equal(got[True], got[False])
     assert (got[True][:m0] == 7.0).all() and (got[True][:, :p0 * k.NR] == 7.0).all(), "wrote outside the block"
