@@ -543,3 +543,19 @@ def test_reading_needs_no_torch(torch, tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_declared_length_beyond_the_pickle_is_refused_before_it_is_allocated(tmp_path):
+    """BINBYTES declaring 2.8 GB in a 40-byte data.pkl (a tensor's raw bytes read as a pickle): CPython's
+    unpickler would allocate the declared size first (found by test_wrong_zip_members, a swapped member)."""
+    import tracemalloc
+    path = tmp_path / "lying.pth"
+    write_archive(path, b"\x80\x02B" + (2_814_255_818).to_bytes(4, "little") + bytes(33))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="damaged data.pkl .*2814255818 bytes"):
+            load_pth(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak

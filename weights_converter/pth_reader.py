@@ -26,6 +26,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import zipfile
 from typing import NamedTuple
@@ -206,7 +207,9 @@ class _ArchiveReader:
         self.byte_order = self._read_byte_order()
 
     def load(self):
-        unpickler = _RestrictedUnpickler(self, self._read_entry("data.pkl"))
+        data = self._read_entry("data.pkl")
+        _check_declared_lengths(self.path, data)
+        unpickler = _RestrictedUnpickler(self, data)
         try:
             return unpickler.load()
         except CheckpointError:
@@ -376,6 +379,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
     @staticmethod
     def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
         return data  # a Parameter is its tensor: the gradient flag and hooks do not matter for inference
+
+
+def _check_declared_lengths(path, data):
+    """Every length a pickle opcode declares (bytes, strings, frames) fits in the pickle: CPython's unpickler
+    allocates a declared length before it reads, so four bytes of junk could make it ask for gigabytes.
+    pickletools reads each argument from the data instead, so a lie shows as a short read."""
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except Exception as exc:   # whatever pickletools raises on a damaged pickle
+        raise CheckpointError(f"{path}: damaged data.pkl ({type(exc).__name__}: {_one_line(exc)})") from None
 
 
 def _is_int(value):
