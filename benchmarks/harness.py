@@ -114,16 +114,11 @@ def build_artifacts(folder, log=print):
     if missing("onnx"):
         art.onnx_note = missing("onnx")
     else:
-        import warnings
         for batch in sorted(set(CASES.values())):
             path = os.path.join(folder, f"{VARIANT}_{IMG}_b{batch}.onnx")
             t0 = time.perf_counter()
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(model, (torch.from_numpy(make_input(batch)),), path, dynamo=False,
-                                      opset_version=17, input_names=["x"], output_names=["logits"],
-                                      do_constant_folding=True)
+                export_onnx(model, batch, path)
             except Exception as exc:
                 art.onnx_note = f"ONNX export failed: {type(exc).__name__}: {exc}"
                 log(f"[bench] {art.onnx_note}")
@@ -133,6 +128,17 @@ def build_artifacts(folder, log=print):
         if art.onnx:
             art.onnx_note = "torch.onnx.export(dynamo=False, opset 17), static batch"
     return art
+
+
+def export_onnx(model, batch, path):
+    """`model` (a PyTorch reference) as a static-batch ONNX file: TorchScript exporter, opset 17."""
+    import warnings
+
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.from_numpy(make_input(batch)),), path, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["logits"], do_constant_folding=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,6 +154,11 @@ def engine_unavailable(engine, art):
     if engine == "openvino":
         return missing("openvino") or (None if art.onnx else art.onnx_note or "no ONNX file")
     raise ValueError(engine)
+
+
+# OpenVINO as every benchmark runs it: the f32 hint, one stream, the pinned threads
+OPENVINO_F32 = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                "NUM_STREAMS": 1}
 
 
 def make_engine(engine, art, batch):
@@ -185,9 +196,7 @@ def make_engine(engine, art, batch):
     if engine == "openvino":
         import openvino as ov
         core = ov.Core()
-        compiled = core.compile_model(art.onnx[batch], "CPU", {
-            "INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1})
+        compiled = core.compile_model(art.onnx[batch], "CPU", OPENVINO_F32)
         req = compiled.create_infer_request()
 
         def run(x):
