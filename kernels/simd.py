@@ -64,6 +64,12 @@ if nb.config.DISABLE_JIT:
 
     wstore, wfma, wadd = vstore, vfma, vadd
 
+    def wmax(a, b):
+        return np.maximum(a, b)
+
+    def wmax_lanes(a):
+        return np.float32(a.max())
+
     def transpose8(src, src_at, src_step, dst, dst_at, dst_step):
         block = np.stack([_lanes(src, src_at + r * src_step)[:LANES] for r in range(LANES)])
         for r in range(LANES):
@@ -196,6 +202,24 @@ else:
     @intrinsic
     def wadd(typingctx, a, b):
         return vec16(a, b), _add
+
+    @intrinsic
+    def wmax(typingctx, a, b):
+        """The lane-wise maximum (vmaxps; for inputs that are not NaN)."""
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16] * 2),
+                                                "llvm.maxnum.v16f32")
+            return builder.call(fn, args)
+        return vec16(a, b), codegen
+
+    @intrinsic
+    def wmax_lanes(typingctx, a):
+        """The largest of the sixteen lanes (for lanes that are not NaN)."""
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_V16]),
+                                                "llvm.vector.reduce.fmax.v16f32")
+            return builder.call(fn, args)
+        return types.float32(a), codegen
 
     @intrinsic
     def vmul(typingctx, a, b):

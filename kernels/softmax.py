@@ -3,6 +3,7 @@ it made the Lo-Fi softmax 3x slower)."""
 import numpy as np
 
 from ._jit import inline_kernel, kernel, split_rows
+from .simd import WIDE_LANES, wload, wmax, wmax_lanes
 
 # Cephes expf: exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r by a degree-7 polynomial.
 # Relative error < 3e-7 on [-87, 88] (measured on a 1e6-point grid against float64 exp).
@@ -42,16 +43,34 @@ def scaled_softmax_rows(scores, scale):
     return scores
 
 
+@inline_kernel()
+def _row_max(row, lanes):
+    """The largest element of a row that holds no NaN, sixteen at a time where its elements are contiguous
+    (lanes): a scalar max is a chain of dependent compares, which LLVM may not reorder (1.2 ns an element,
+    half of the softmax, on the Intel Xeon; 0.03 ns in vectors). The maximum is exact, so the order is free."""
+    m_keys = row.shape[0]
+    full = m_keys - m_keys % WIDE_LANES if lanes else 0
+    top = np.float32(-np.inf)
+    if full:
+        acc = wload(row, 0)
+        for s in range(WIDE_LANES, full, WIDE_LANES):
+            acc = wmax(acc, wload(row, s))
+        top = wmax_lanes(acc)
+    for s in range(full, m_keys):
+        top = max(top, row[s])
+    return top
+
+
 @kernel()
 def softmax_rows_block(rows, scale, start, stop):
     m_keys = rows.shape[1]
     bits = np.empty(m_keys, np.int32)
+    lanes = rows.strides[1] == 4
     for i in range(start, stop):
         row = rows[i]
-        top = -np.inf
         for s in range(m_keys):
             row[s] *= scale
-            top = max(top, row[s])
+        top = _row_max(row, lanes)
         for s in range(m_keys):
             row[s] -= top
         exp_inplace(row, bits)

@@ -36,3 +36,23 @@ def test_nan_row_stays_nan():
     s[0, 2] = np.nan
     out = k.scaled_softmax_rows(s, np.float32(1.0))
     assert np.isnan(out[0]).all() and np.allclose(out[1], 0.2)
+
+
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 20), m=st.integers(1, 70), step=st.sampled_from([1, 2, 3]))
+@example(seed=2, rows=3, m=49, step=2)
+def test_scaled_softmax_rows_of_strided_columns(seed, rows, m, step):
+    """Rows whose elements are not contiguous take the scalar maximum; contiguous ones the vector one."""
+    wide = (np.random.default_rng(seed).standard_normal((rows, m * step)) * 4.0).astype(np.float32)
+    s = wide[:, ::step]
+    ref = k.scaled_softmax_rows_ref(s.copy(), 0.5)
+    assert_close(k.scaled_softmax_rows(s, np.float32(0.5)), ref, "attention")
+
+
+@given(m=st.integers(1, 70), at=st.integers(0, 69))
+def test_row_maximum_anywhere_in_the_row(m, at):
+    """The maximum in any lane of any vector, or in the scalar tail, sets the shift (one huge score: the
+    softmax is one-hot only if it is found)."""
+    s = np.zeros((1, m), np.float32)
+    s[0, at % m] = 100.0
+    out = k.scaled_softmax_rows(s, np.float32(1.0))
+    assert out[0, at % m] == 1.0 and np.isfinite(out).all()
