@@ -6,6 +6,7 @@ process's OpenMP runtime and made a LITv2-S forward pass 6x slower with PyTorch 
 (580 vs 95 ms), and the work-queue layer cost ~160 us per launch and aborts on concurrent launches."""
 import ctypes
 import functools
+import hashlib
 import os
 import sys
 import tempfile
@@ -13,6 +14,7 @@ import threading
 import time
 
 import numba as nb
+from numba.core import caching
 from numba.core.compiler_lock import global_compiler_lock
 
 # Fast-math flags that let LLVM vectorise and reassociate, but keep NaN/Inf semantics (no nnan/ninf):
@@ -56,6 +58,38 @@ def _choose_cache():
 
 
 CACHE, CACHE_NOTICE = _choose_cache()
+KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_sources_digest(folder=KERNELS_DIR):
+    """sha256 of every kernel module's name and text in `folder`."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    return digest.digest()
+
+
+def _whole_sources_locator(numba_locator):
+    """Numba's cache locator `numba_locator`, for the kernel modules only, with their cached code stamped by all
+    the kernel sources: Numba stamps it by its own file alone, but a kernel carries code inlined or linked from
+    the other modules (gemm_tiles, the softmax), and a change there must not leave it running the old code."""
+    class Locator(numba_locator):
+        def get_source_stamp(self):
+            return kernel_sources_digest()
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != KERNELS_DIR:
+                return None
+            return super().from_function(py_func, py_file)
+    return Locator
+
+
+caching.CacheImpl._locator_classes[:0] = [_whole_sources_locator(locator) for locator in (
+    caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)]
 
 # error_model="numpy": float division by zero gives inf/nan instead of a Python exception; the exception
 # check inside a loop stops LLVM from vectorising it (erf-GELU went 4x slower with it).

@@ -239,3 +239,19 @@ def test_a_one_signature_kernel_first_called_from_two_threads_at_once_compiles_o
     assert all((x == 3.0).all() for x in arrays)
     assert len(scale.signatures) == 1
 
+
+
+
+def test_cached_kernels_are_stamped_by_every_kernel_source(tmp_path):
+    """A kernel's cached machine code carries code from other kernel modules (the GEMM in Lo-Fi, the softmax),
+    so it is stale when any kernel source changes, not only its own file."""
+    if numba.config.DISABLE_JIT:
+        pytest.skip("no compiled kernels under NUMBA_DISABLE_JIT")
+    for dispatcher in (hilo._lofi_heads, window_msa._window_heads, softmax.softmax_padded_rows, gemm.gemm_tiles):
+        assert dispatcher._cache._impl.locator.get_source_stamp() == _jit.kernel_sources_digest()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    before = _jit.kernel_sources_digest(str(tmp_path))
+    _jit.kernel_sources_digest.cache_clear()
+    (tmp_path / "b.py").write_text("y = 3\n")
+    assert _jit.kernel_sources_digest(str(tmp_path)) != before
