@@ -23,7 +23,7 @@ from . import _jit
 # once could save two of its specializations under one cache file name.
 UNITS = (
     ("gemm.gemm_tiles", "hilo._lofi_heads", "window_msa._window_heads"),   # 2.0 + 1.3 + 0.7 (the last two call
-                                                                            # gemm_tiles, softmax_rows_block)
+                                                                            # gemm_tiles, softmax_padded_rows)
     ("qna._qna_factored_rows",),                                            # 2.3
     ("dwconv_gelu._dwconv3x3_gelu_rows",),                                  # 0.7
     ("hilo._hifi_windows",),                                                # 0.6

@@ -15,7 +15,7 @@ import numpy as np
 
 from ._jit import ahead_kernel, array, one_signature_kernel, split_rows
 from .gemm import NR, gemm_tiles
-from .softmax import softmax_rows_block
+from .softmax import padded_width, softmax_padded_rows
 
 
 def _softmax_ref(s):
@@ -183,7 +183,8 @@ def _lofi_heads(q, kv, heads, head_dim, scale32, out, start, stop):
     dim = heads * head_dim
     k_panels = np.zeros((-(-m_keys // NR), head_dim, NR), np.float32)    # k_h^T (hd, M) as weight panels
     v_panels = np.zeros((-(-head_dim // NR), m_keys, NR), np.float32)    # v_h (M, hd)
-    scores = np.empty((n_queries, m_keys), np.float32)
+    padded = np.empty((n_queries, padded_width(m_keys)), np.float32)
+    scores = padded[:, :m_keys]
     for task in range(start, stop):
         n = task // heads
         col = (task % heads) * head_dim
@@ -192,5 +193,5 @@ def _lofi_heads(q, kv, heads, head_dim, scale32, out, start, stop):
                 k_panels[s // NR, d, s % NR] = kv[n, s, col + d]
                 v_panels[d // NR, s, d % NR] = kv[n, s, dim + col + d]
         gemm_tiles(q[n, :, col:col + head_dim], k_panels, scores, 0, n_queries, 0, k_panels.shape[0])
-        softmax_rows_block(scores, scale32, 0, n_queries)
+        softmax_padded_rows(padded, m_keys, scale32, 0, n_queries)
         gemm_tiles(scores, v_panels, out[n, :, col:col + head_dim], 0, n_queries, 0, v_panels.shape[0])

@@ -80,3 +80,39 @@ def softmax_rows_block(rows, scale, start, stop):
         inv = np.float32(1.0) / total
         for s in range(m_keys):
             row[s] *= inv
+
+
+@inline_kernel()
+def padded_width(m_keys):
+    """The row length of a padded score buffer for m_keys keys: the next multiple of sixteen."""
+    return -(-m_keys // WIDE_LANES) * WIDE_LANES
+
+
+@kernel()
+def softmax_padded_rows(padded, m_keys, scale, start, stop):
+    """Rows start..stop of padded (R, padded_width(m_keys)), C-contiguous, whose first m_keys columns hold the
+    scores: those become softmax(scale * scores); the columns past them become ~1e-35. Every loop runs
+    over whole vectors, and the exp over all the rows at once: rows of 49 keys had spent most of their time
+    in the scalar remainders of short loops."""
+    width = padded.shape[1]
+    for i in range(start, stop):
+        row = padded[i]
+        for s in range(width):
+            row[s] *= scale
+        for s in range(m_keys, width):
+            row[s] = np.float32(-np.inf)
+        top = _row_max(row, True)
+        for s in range(width):
+            row[s] -= top
+        for s in range(m_keys, width):     # exp(-80) ~ 2e-35: nothing beside a row's sum (>= 1), and not a
+            row[s] = np.float32(-80.0)      # subnormal (exp(-inf) is, and slows every operation on it ~100x)
+    flat = padded.reshape(-1)[start * width:stop * width]
+    exp_inplace(flat, np.empty(flat.shape[0], np.int32))
+    for i in range(start, stop):
+        row = padded[i]
+        total = np.float32(0.0)
+        for s in range(width):
+            total += row[s]
+        inv = np.float32(1.0) / total
+        for s in range(width):
+            row[s] *= inv

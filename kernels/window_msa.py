@@ -15,7 +15,7 @@ import numpy as np
 
 from ._jit import ahead_kernel, array, split_rows
 from .gemm import NR, gemm_tiles
-from .softmax import softmax_rows_block
+from .softmax import padded_width, softmax_padded_rows
 
 
 def _check(qkv, rel_bias, window, heads):
@@ -62,7 +62,8 @@ def _window_heads(qkv, rel_bias, ws, heads, scale, out, start, stop):
     q = np.empty((seq, d), np.float32)                                # scaled, gathered from the window
     k_panels = np.zeros((-(-seq // NR), d, NR), np.float32)           # k^T (d, L) as weight panels
     v_panels = np.zeros((-(-d // NR), seq, NR), np.float32)           # v (L, d)
-    scores = np.empty((seq, seq), np.float32)
+    padded = np.empty((seq, padded_width(seq)), np.float32)            # scores, rows padded to whole vectors
+    scores = padded[:, :seq]
     o = np.empty((seq, d), np.float32)
     for task in range(start, stop):
         hd = task % heads
@@ -82,7 +83,7 @@ def _window_heads(qkv, rel_bias, ws, heads, scale, out, start, stop):
         for t in range(seq):
             for s in range(seq):
                 scores[t, s] += bias[t, s]
-        softmax_rows_block(scores, np.float32(1.0), 0, seq)
+        softmax_padded_rows(padded, seq, np.float32(1.0), 0, seq)
         gemm_tiles(scores, v_panels, o, 0, seq, 0, v_panels.shape[0])
         for t in range(seq):
             dst = out[n, gy * ws + t // ws, gx * ws + t % ws]

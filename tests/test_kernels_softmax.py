@@ -56,3 +56,18 @@ def test_row_maximum_anywhere_in_the_row(m, at):
     s[0, at % m] = 100.0
     out = k.scaled_softmax_rows(s, np.float32(1.0))
     assert out[0, at % m] == 1.0 and np.isfinite(out).all()
+
+
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 30), m=st.integers(1, 70),
+       spread=st.sampled_from([0.1, 1.0, 30.0]), scale=st.sampled_from([1.0, 32 ** -0.5]), garbage=st.booleans())
+@example(seed=3, rows=196, m=49, spread=5.0, scale=32 ** -0.5, garbage=True)   # LITv2-S Lo-Fi, 7x7 windows
+def test_softmax_padded_rows(seed, rows, m, spread, scale, garbage):
+    """The first m columns of each padded row as scaled_softmax_rows_ref gives them, whatever the padding held
+    before (a previous head's probabilities, or huge values)."""
+    rng = np.random.default_rng(seed)
+    padded = np.full((rows, k.padded_width(m)), 1e30 if garbage else 0.0, np.float32)
+    padded[:, :m] = rng.standard_normal((rows, m)) * spread
+    ref = k.scaled_softmax_rows_ref(padded[:, :m].copy(), scale)
+    k.softmax_padded_rows(padded, m, np.float32(scale), 0, rows)
+    assert_close(padded[:, :m], ref, "attention")
+    assert padded.shape[1] % 16 == 0 and padded.shape[1] - m < 16
