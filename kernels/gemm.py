@@ -34,8 +34,8 @@ import numpy as np
 
 from . import _jit
 from ._jit import array, inline_kernel, kernel, one_signature_kernel, split_rows
-from .simd import (HAS_AVX512, vadd, vbroadcast, vfma, vload, vstore, vzero, wadd, wbroadcast, wfma, wload, wstore,
-                   wzero)
+from .simd import (HAS_AVX512, prefetch, vadd, vbroadcast, vfma, vload, vstore, vzero, wadd, wbroadcast, wfma, wload,
+                   wstore, wzero)
 
 MR, NR = 6, 16          # micro-tile: 6 rows x 16 columns = 12 accumulators of 8 lanes (+2 B, 1 A: 15 of 16 ymm)
 KC = 256                # K block: the 16 x KC weight panel (16 KiB) stays in L1
@@ -112,12 +112,16 @@ def _rank1(a, ia, rs, b, ib, acc):
 
 
 @kernel()
-def _tile(a, ia, rs, ks, b, ib, kc):
+def _tile(a, ia, rs, ks, b, ib, kc, ahead, lines):
     """The 6x16 tile of six rows of a (row r, step k at a.flat[ia + r*rs + k*ks]) times one weight panel
-    over kc steps, unrolled by 4."""
+    over kc steps, unrolled by 4; its first `lines` k steps also prefetch a line of b each, from ahead on."""
     z = vzero()
     acc = (z, z, z, z, z, z, z, z, z, z, z, z)
-    for _ in range(kc // 4):
+    for i in range(kc // 4):
+        if 4 * i < lines:
+            for line in range(4):
+                prefetch(b, ahead + line * NR)
+            ahead += 4 * NR
         acc = _rank1(a, ia, rs, b, ib, acc)
         acc = _rank1(a, ia + ks, rs, b, ib + NR, acc)
         acc = _rank1(a, ia + 2 * ks, rs, b, ib + 2 * NR, acc)
@@ -197,11 +201,18 @@ def _wide_rank1(a, ia, rs, b, ib, ib2, acc):
 
 
 @kernel()
-def _wide_tile(a, ia, rs, ks, b, ib, ib2, kc):
-    """As _tile, for the two panels at ib and ib2."""
+def _wide_tile(a, ia, rs, ks, b, ib, ib2, kc, ahead, ahead2, lines):
+    """As _tile, for the two panels at ib and ib2; its first `lines` k steps also prefetch a line of each of two
+    other streams of b, at ahead and ahead2 on."""
     z = wzero()
     acc = (z, z, z, z, z, z, z, z, z, z, z, z)
-    for _ in range(kc // 4):
+    for i in range(kc // 4):
+        if 4 * i < lines:
+            for line in range(4):
+                prefetch(b, ahead + line * NR)
+                prefetch(b, ahead2 + line * NR)
+            ahead += 4 * NR
+            ahead2 += 4 * NR
         acc = _wide_rank1(a, ia, rs, b, ib, ib2, acc)
         acc = _wide_rank1(a, ia + ks, rs, b, ib + NR, ib2 + NR, acc)
         acc = _wide_rank1(a, ia + 2 * ks, rs, b, ib + 2 * NR, ib2 + 2 * NR, acc)
@@ -245,26 +256,32 @@ def _wide_store(y, row, col, acc, rows, cols, accumulate, scratch):
 
 
 @inline_kernel()
-def _panel_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, y, scratch):
+def _panel_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, y, scratch, ahead, ahead_kc):
     """y[i0:i0+mc, panel p] (+)= x[i0:i0+mc, k0:k0+kc] @ the panel's K block by the 6x16 tile: the full 6-row
     tiles read x in place, the partial last one reads `edge` (its rows packed, zero-padded to 6, at edge_at);
-    the first K block writes, the later ones add."""
+    the first K block writes, the later ones add. The tiles prefetch in turn a share of the next weight block's
+    ahead_kc lines, at ahead: it streams in from memory while this block is computed from the caches, instead
+    of stalling the next block's first tile."""
     ldx = x.strides[0] // 4
     cols = min(NR, y.shape[1] - p * NR)
     ib = (p * x.shape[1] + k0) * NR
     full = mc // MR
-    for t in range(-(-mc // MR)):
+    tiles = -(-mc // MR)
+    share = -(-ahead_kc // tiles)
+    for t in range(tiles):
         rows = min(MR, mc - t * MR)
+        lines = min(share, ahead_kc - t * share)
         if t < full:
-            acc = _tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, kc)
+            acc = _tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, kc, ahead + t * share * NR, lines)
         else:
-            acc = _tile(edge, edge_at, 1, MR, panels, ib, kc)
+            acc = _tile(edge, edge_at, 1, MR, panels, ib, kc, ahead + t * share * NR, lines)
         _store(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
 
 
 @inline_kernel()
-def _panel_pair_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, p1, y, scratch):
-    """As _panel_times_rows for panels p and p+1 by the 6x32 tile. A last single panel (p + 1 = p1) fills both
+def _panel_pair_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, p1, y, scratch, ahead, ahead2, ahead_kc):
+    """As _panel_times_rows for panels p and p+1 by the 6x32 tile, its tiles prefetching in turn a share of the
+    next block's ahead_kc lines of each panel (at ahead and ahead2). A last single panel (p + 1 = p1) fills both
     halves of the tile and its second half is dropped: the tile sums each element as the 6x16 one does, so
     the 6x16 tile's code is left out of this kernel."""
     ldx = x.strides[0] // 4
@@ -272,13 +289,24 @@ def _panel_pair_times_rows(x, i0, mc, k0, kc, edge, edge_at, panels, p, p1, y, s
     ib = (p * x.shape[1] + k0) * NR
     ib2 = ib + x.shape[1] * NR if p + 1 < p1 else ib        # the next panel, at the same k
     full = mc // MR
-    for t in range(-(-mc // MR)):
+    tiles = -(-mc // MR)
+    share = -(-ahead_kc // tiles)
+    for t in range(tiles):
         rows = min(MR, mc - t * MR)
+        lines = min(share, ahead_kc - t * share)
+        at, at2 = ahead + t * share * NR, ahead2 + t * share * NR
         if t < full:
-            acc = _wide_tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, ib2, kc)
+            acc = _wide_tile(x, (i0 + t * MR) * ldx + k0, ldx, 1, panels, ib, ib2, kc, at, at2, lines)
         else:
-            acc = _wide_tile(edge, edge_at, 1, MR, panels, ib, ib2, kc)
+            acc = _wide_tile(edge, edge_at, 1, MR, panels, ib, ib2, kc, at, at2, lines)
         _wide_store(y, i0 + t * MR, p * NR, acc, rows, cols, k0 > 0, scratch)
+
+
+@inline_kernel()
+def _block_order(step, steps, k_blocks, whole):
+    """(panel step, K block) of a GEMM block's step: each panel over all of K in turn when x stays in L2 whole,
+    else each K block over all the panels."""
+    return (step // k_blocks, step % k_blocks) if whole else (step % steps, step // steps)
 
 
 def _gemm_block_kernel(wide):
@@ -308,14 +336,20 @@ def _gemm_block_kernel(wide):
             full = mc // MR * MR
             _pack_rows(x, i0 + full, mc - full, 0, k_total, edge)
             for step in range(steps * k_blocks):
-                across, down = (step // k_blocks, step % k_blocks) if whole else (step % steps, step // steps)
+                across, down = _block_order(step, steps, k_blocks, whole)
                 k0 = down * KC
+                # the next step's weight block, prefetched while this one is computed
+                ahead_across, ahead_down = _block_order(step + 1, steps, k_blocks, whole)
+                ahead_kc = min(KC, k_total - ahead_down * KC) if step + 1 < steps * k_blocks else 0
                 if wide:
+                    ahead = ((p0 + 2 * ahead_across) * k_total + ahead_down * KC) * NR
+                    ahead2 = ahead + k_total * NR if p0 + 2 * ahead_across + 1 < p1 else ahead
                     _panel_pair_times_rows(x, i0, mc, k0, min(KC, k_total - k0), edge, k0 * MR, panels,
-                                           p0 + 2 * across, p1, y, scratch)
+                                           p0 + 2 * across, p1, y, scratch, ahead, ahead2, ahead_kc)
                 else:
+                    ahead = ((p0 + ahead_across) * k_total + ahead_down * KC) * NR
                     _panel_times_rows(x, i0, mc, k0, min(KC, k_total - k0), edge, k0 * MR, panels, p0 + across, y,
-                                      scratch)
+                                      scratch, ahead, ahead_kc)
     return gemm_tiles
 
 

@@ -64,6 +64,9 @@ if nb.config.DISABLE_JIT:
 
     wstore, wfma, wadd = vstore, vfma, vadd
 
+    def prefetch(arr, idx):
+        pass
+
     def wmax(a, b):
         return np.maximum(a, b)
 
@@ -220,6 +223,18 @@ else:
                                                 "llvm.vector.reduce.fmax.v16f32")
             return builder.call(fn, args)
         return types.float32(a), codegen
+
+    @intrinsic
+    def prefetch(typingctx, arr, idx):
+        """A hint to bring the cache line of arr.flat[idx] into L1 ahead of its use (prefetcht0); it changes no
+        value, and an address past the array is harmless (a prefetch never faults)."""
+        def codegen(context, builder, sig, args):
+            ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], *args), ir.IntType(8).as_pointer())
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
+                ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+            builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
+        return types.none(arr, idx), codegen
 
     @intrinsic
     def vmul(typingctx, a, b):
