@@ -70,6 +70,20 @@ if nb.config.DISABLE_JIT:
     def wmax(a, b):
         return np.maximum(a, b)
 
+    def wmul(a, b):
+        return a * b
+
+    def wsub(a, b):
+        return a - b
+
+    def wsplat(x):
+        return np.full(WIDE_LANES, x, np.float32)
+
+    def wsum_lanes(a):
+        while len(a) > 1:
+            a = a[:len(a) // 2] + a[len(a) // 2:]
+        return np.float32(a[0])
+
     def wmax_lanes(a):
         return np.float32(a.max())
 
@@ -235,6 +249,32 @@ else:
             builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             return context.get_dummy_value()
         return types.none(arr, idx), codegen
+
+    @intrinsic
+    def wmul(typingctx, a, b):
+        return vec16(a, b), lambda context, builder, sig, args: builder.fmul(*args)
+
+    @intrinsic
+    def wsub(typingctx, a, b):
+        return vec16(a, b), lambda context, builder, sig, args: builder.fsub(*args)
+
+    @intrinsic
+    def wsplat(typingctx, x):
+        """A float32 in all sixteen lanes."""
+        return vec16(types.float32), lambda context, builder, sig, args: _splat(builder, args[0], _V16)
+
+    @intrinsic
+    def wsum_lanes(typingctx, a):
+        """The sum of the sixteen lanes, halves added pairwise (lanes i and i + 8, then i and i + 4, ...)."""
+        def codegen(context, builder, sig, args):
+            v, n = args[0], WIDE_LANES
+            while n > 1:
+                n //= 2
+                low = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+                high = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+                v = builder.fadd(low, high)
+            return builder.extract_element(v, ir.Constant(_I32, 0))
+        return types.float32(a), codegen
 
     @intrinsic
     def vmul(typingctx, a, b):
