@@ -7,7 +7,7 @@ import numpy as np
 
 from ._jit import ahead_kernel, array, split_rows
 from .gelu import gelu32, gelu_ref
-from .simd import vadd, vfma, vload, vstore
+from .simd import vadd, vfma, vload, vstore, wadd, wfma, wload, wstore
 
 
 def dwconv3x3_gelu_ref(h, pre_bias, weight, bias):
@@ -34,13 +34,21 @@ def dwconv3x3_gelu(h, pre_bias, weight, bias):
 @ahead_kernel(array(4), array(1, readonly=True), array(3, readonly=True), array(1, readonly=True), array(4), nb.int64,
               nb.int64)
 def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
-    """Rows [start, stop) of the B*H output rows. Per pixel, channels in blocks of 64: eight vec8 sums stay in
-    registers over the pixel's in-image taps (eight chains, so the FMA latency overlaps: one chain per 8
+    """Rows [start, stop) of the B*H output rows. Per pixel, channels in blocks of 64: four 16-lane sums stay in
+    registers over the pixel's in-image taps (separate chains, so the FMA latency overlaps: one chain per 8
     channels, or the sums in memory, ran at 4.5 cycles a channel), then 8-channel vectors, then single
-    channels; GELU over the pixel's sums. fc1's bias is added to each in-image sample, so padding stays zero."""
+    channels; GELU over the pixel's sums. fc1's bias is added to each in-image sample, so padding stays zero;
+    where all nine taps are in the image it is added once, through the taps' summed weights
+    (interior_bias), instead of to each sample."""
     b, height, width, c = h.shape
     h_flat, w_flat = h.reshape(-1), weight.reshape(-1)
     sums = np.empty(c, np.float32)
+    interior_bias = np.empty(c, np.float32)   # bias + fc1's bias through all nine taps
+    for j in range(c):
+        tap_sum = np.float32(0.0)
+        for t in range(9):
+            tap_sum += w_flat[t * c + j]
+        interior_bias[j] = bias[j] + tap_sum * pre_bias[j]
     taps = np.empty(9, np.int64)        # flat offset of each in-image tap's source pixel ...
     tap_weights = np.empty(9, np.int64)  # ... and of its weights
     for row in range(start, stop):
@@ -57,27 +65,32 @@ def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
                         tap_weights[valid] = (dy * 3 + dx) * c
                         valid += 1
             j = 0
+            while valid == 9 and j + 64 <= c:   # all taps in the image: fc1's bias is in interior_bias
+                a0, a1 = wload(interior_bias, j), wload(interior_bias, j + 16)
+                a2, a3 = wload(interior_bias, j + 32), wload(interior_bias, j + 48)
+                for t in range(9):
+                    s, w = taps[t] + j, tap_weights[t] + j
+                    a0 = wfma(wload(weight, w), wload(h, s), a0)
+                    a1 = wfma(wload(weight, w + 16), wload(h, s + 16), a1)
+                    a2 = wfma(wload(weight, w + 32), wload(h, s + 32), a2)
+                    a3 = wfma(wload(weight, w + 48), wload(h, s + 48), a3)
+                wstore(sums, j, a0)
+                wstore(sums, j + 16, a1)
+                wstore(sums, j + 32, a2)
+                wstore(sums, j + 48, a3)
+                j += 64
             while j + 64 <= c:
-                a0, a1, a2, a3 = vload(bias, j), vload(bias, j + 8), vload(bias, j + 16), vload(bias, j + 24)
-                a4, a5, a6, a7 = vload(bias, j + 32), vload(bias, j + 40), vload(bias, j + 48), vload(bias, j + 56)
+                a0, a1, a2, a3 = wload(bias, j), wload(bias, j + 16), wload(bias, j + 32), wload(bias, j + 48)
                 for t in range(valid):
                     s, w = taps[t] + j, tap_weights[t] + j
-                    a0 = vfma(vload(weight, w), vadd(vload(h, s), vload(pre_bias, j)), a0)
-                    a1 = vfma(vload(weight, w + 8), vadd(vload(h, s + 8), vload(pre_bias, j + 8)), a1)
-                    a2 = vfma(vload(weight, w + 16), vadd(vload(h, s + 16), vload(pre_bias, j + 16)), a2)
-                    a3 = vfma(vload(weight, w + 24), vadd(vload(h, s + 24), vload(pre_bias, j + 24)), a3)
-                    a4 = vfma(vload(weight, w + 32), vadd(vload(h, s + 32), vload(pre_bias, j + 32)), a4)
-                    a5 = vfma(vload(weight, w + 40), vadd(vload(h, s + 40), vload(pre_bias, j + 40)), a5)
-                    a6 = vfma(vload(weight, w + 48), vadd(vload(h, s + 48), vload(pre_bias, j + 48)), a6)
-                    a7 = vfma(vload(weight, w + 56), vadd(vload(h, s + 56), vload(pre_bias, j + 56)), a7)
-                vstore(sums, j, a0)
-                vstore(sums, j + 8, a1)
-                vstore(sums, j + 16, a2)
-                vstore(sums, j + 24, a3)
-                vstore(sums, j + 32, a4)
-                vstore(sums, j + 40, a5)
-                vstore(sums, j + 48, a6)
-                vstore(sums, j + 56, a7)
+                    a0 = wfma(wload(weight, w), wadd(wload(h, s), wload(pre_bias, j)), a0)
+                    a1 = wfma(wload(weight, w + 16), wadd(wload(h, s + 16), wload(pre_bias, j + 16)), a1)
+                    a2 = wfma(wload(weight, w + 32), wadd(wload(h, s + 32), wload(pre_bias, j + 32)), a2)
+                    a3 = wfma(wload(weight, w + 48), wadd(wload(h, s + 48), wload(pre_bias, j + 48)), a3)
+                wstore(sums, j, a0)
+                wstore(sums, j + 16, a1)
+                wstore(sums, j + 32, a2)
+                wstore(sums, j + 48, a3)
                 j += 64
             while j + 8 <= c:
                 a0 = vload(bias, j)
