@@ -161,26 +161,26 @@ def _hifi_windows(qkv, qkv_bias, ws, heads, head_dim, scale32, out, start, stop)
 def lofi_attention(qkv, q_col, q_bias, kv, kv_bias, heads, head_dim, scale, out, out_col):
     """Same contract as lofi_attention_ref. Per image and head, both products run on the GEMM micro-kernel
     (kernels/gemm.py) with k^T and v packed as its weight panels; images x heads are split across threads.
-    q and kv get their biases added in place, so both must be scratch buffers (the engine's GEMM outputs)."""
+    The biases are added where each head's q, k and v are gathered, so qkv and kv are left as they are."""
     b, h, w, _ = qkv.shape
     dim = heads * head_dim
     q = qkv.reshape(b, h * w, -1)[:, :, q_col:q_col + dim]
-    q += q_bias
-    kv += kv_bias
     o = out.reshape(b, h * w, -1)[:, :, out_col:out_col + dim]
-    split_rows(_lofi_heads, b * heads, 4 * h * w * kv.shape[1] * head_dim, q, kv, heads, head_dim,
-               np.float32(scale), o)
+    split_rows(_lofi_heads, b * heads, 4 * h * w * kv.shape[1] * head_dim, q, np.ascontiguousarray(q_bias, np.float32),
+               kv, np.ascontiguousarray(kv_bias, np.float32), heads, head_dim, np.float32(scale), o)
     return out
 
 
-@one_signature_kernel(array(3, "A", readonly=True), array(3, readonly=True), nb.int64, nb.int64, nb.float32,
-                      array(3, "A"), nb.int64, nb.int64)
-def _lofi_heads(q, kv, heads, head_dim, scale32, out, start, stop):
-    """Tasks start..stop of (image, head): out[n, :, head] = softmax(scale q_h k_h^T) v_h.
-    q (B, N, heads*hd) and out (B, N, heads*hd) may be column slices; kv (B, M, 2*heads*hd)."""
+@one_signature_kernel(array(3, "A", readonly=True), array(1, readonly=True), array(3, readonly=True),
+                      array(1, readonly=True), nb.int64, nb.int64, nb.float32, array(3, "A"), nb.int64, nb.int64)
+def _lofi_heads(q, q_bias, kv, kv_bias, heads, head_dim, scale32, out, start, stop):
+    """Tasks start..stop of (image, head): out[n, :, head] = softmax(scale q_h k_h^T) v_h, q_h = q's head +
+    q_bias's, k_h and v_h likewise from kv and kv_bias. q (B, N, heads*hd) and out (B, N, heads*hd) may be
+    column slices; kv (B, M, 2*heads*hd) holds (k|v) x head x hd."""
     n_queries = q.shape[1]
     m_keys = kv.shape[1]
     dim = heads * head_dim
+    q_head = np.empty((n_queries, head_dim), np.float32)                  # q_h, its rows contiguous
     k_panels = np.zeros((-(-m_keys // NR), head_dim, NR), np.float32)    # k_h^T (hd, M) as weight panels
     v_panels = np.zeros((-(-head_dim // NR), m_keys, NR), np.float32)    # v_h (M, hd)
     padded = np.empty((n_queries, padded_width(m_keys)), np.float32)
@@ -188,10 +188,13 @@ def _lofi_heads(q, kv, heads, head_dim, scale32, out, start, stop):
     for task in range(start, stop):
         n = task // heads
         col = (task % heads) * head_dim
+        for t in range(n_queries):
+            for d in range(head_dim):
+                q_head[t, d] = q[n, t, col + d] + q_bias[col + d]
         for s in range(m_keys):
             for d in range(head_dim):
-                k_panels[s // NR, d, s % NR] = kv[n, s, col + d]
-                v_panels[d // NR, s, d % NR] = kv[n, s, dim + col + d]
-        gemm_tiles(q[n, :, col:col + head_dim], k_panels, scores, 0, n_queries, 0, k_panels.shape[0])
+                k_panels[s // NR, d, s % NR] = kv[n, s, col + d] + kv_bias[col + d]
+                v_panels[d // NR, s, d % NR] = kv[n, s, dim + col + d] + kv_bias[dim + col + d]
+        gemm_tiles(q_head, k_panels, scores, 0, n_queries, 0, k_panels.shape[0])
         softmax_padded_rows(padded, m_keys, scale32, 0, n_queries)
         gemm_tiles(scores, v_panels, out[n, :, col:col + head_dim], 0, n_queries, 0, v_panels.shape[0])
