@@ -21,6 +21,17 @@ def test_exp_relative_error_on_a_dense_grid():
     assert rel.max() < 3e-7, f"max relative error {rel.max():.3g} at x={x[rel.argmax()]}"
 
 
+def test_exp_keeps_nan_in_vectors_and_in_the_tail():
+    """A NaN stays NaN, in a whole vector (wexp) and past the last one (the scalar loop); its neighbours are
+    unchanged."""
+    x = np.linspace(-5, 5, 37, dtype=np.float32)
+    x[[3, 20, 35]] = np.nan
+    got = _exp(x)
+    assert np.isnan(got[[3, 20, 35]]).all()
+    keep = ~np.isnan(x)
+    assert (np.abs(got[keep] - np.exp(x[keep].astype(np.float64))) <= 3e-7 * np.exp(x[keep])).all()
+
+
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 100), m=st.integers(1, 200),
        spread=st.sampled_from([0.1, 1.0, 30.0]), scale=st.sampled_from([1.0, 32 ** -0.5]))
 @example(seed=0, rows=1960, m=49, spread=5.0, scale=32 ** -0.5)   # LITv2-S layers.2 Lo-Fi, 10 heads
