@@ -1,8 +1,8 @@
-"""Row softmax with the attention scale, and a float32 exp that vectorises (math.exp is a scalar libm call:
-it made the Lo-Fi softmax 3x slower)."""
+"""Row softmax with the attention scale over rows padded to whole vectors (Lo-Fi, window MSA), and a float32 exp
+that vectorises (math.exp is a scalar libm call: it made the Lo-Fi softmax 3x slower)."""
 import numpy as np
 
-from ._jit import inline_kernel, kernel, split_rows
+from ._jit import inline_kernel, kernel
 from .simd import (EXP_MIN, LN2_HI, LN2_LO, LOG2E, P0, P1, P2, P3, P4, P5, WIDE_LANES, wadd, wexp, wload, wmax,
                    wmax_lanes, wmul, wsplat, wstore, wsub, wsum_lanes, wzero)
 
@@ -33,51 +33,6 @@ def exp_inplace(x, bits):
         bits[i] = (np.int32(n) + np.int32(127)) << np.int32(23)
     for i in range(whole, x.shape[0]):
         x[i] *= scaled[i]
-
-
-def scaled_softmax_rows(scores, scale):
-    rows = scores.reshape(-1, scores.shape[-1])
-    split_rows(softmax_rows_block, rows.shape[0], 12 * rows.shape[1], rows, scale)
-    return scores
-
-
-@inline_kernel()
-def _row_max(row, lanes):
-    """The largest element of a row that holds no NaN, sixteen at a time where its elements are contiguous
-    (lanes): a scalar max is a chain of dependent compares, which LLVM may not reorder (1.2 ns an element,
-    half of the softmax, on the Intel Xeon; 0.03 ns in vectors). The maximum is exact, so the order is free."""
-    m_keys = row.shape[0]
-    full = m_keys - m_keys % WIDE_LANES if lanes else 0
-    top = np.float32(-np.inf)
-    if full:
-        acc = wload(row, 0)
-        for s in range(WIDE_LANES, full, WIDE_LANES):
-            acc = wmax(acc, wload(row, s))
-        top = wmax_lanes(acc)
-    for s in range(full, m_keys):
-        top = max(top, row[s])
-    return top
-
-
-@kernel()
-def softmax_rows_block(rows, scale, start, stop):
-    m_keys = rows.shape[1]
-    bits = np.empty(m_keys, np.int32)
-    lanes = rows.strides[1] == 4
-    for i in range(start, stop):
-        row = rows[i]
-        for s in range(m_keys):
-            row[s] *= scale
-        top = _row_max(row, lanes)
-        for s in range(m_keys):
-            row[s] -= top
-        exp_inplace(row, bits)
-        total = np.float32(0.0)
-        for s in range(m_keys):
-            total += row[s]
-        inv = np.float32(1.0) / total
-        for s in range(m_keys):
-            row[s] *= inv
 
 
 @inline_kernel()

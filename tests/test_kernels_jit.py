@@ -21,6 +21,7 @@ def _all_kernels(rng):
     offsets = (rng.standard_normal((2, 4, 3, 8)) * 3).astype(np.float32)
     qkv = rng.standard_normal((2, 7, 9, 3 * 2 * 4)).astype(np.float32)
     qkv_bias = rng.standard_normal(3 * 2 * 4).astype(np.float32)
+    kv, kv_bias = rng.standard_normal((2, 5, 16)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
     weight = gemm.PackedWeight(rng.standard_normal((24, 100)).astype(np.float32))   # 7 panels
     lv = rng.standard_normal((3, 9, 11, 2 * 2 + 8)).astype(np.float32)   # 3 images: shares cross images
     rpe, scale = (rng.standard_normal((9, 4)).astype(np.float32) for _ in range(2))
@@ -36,7 +37,8 @@ def _all_kernels(rng):
         "layernorm": layernorm.layernorm(x, w, b, 1e-5, np.empty_like(x)),
         "residual_add": layernorm.residual_add(x.copy(), y, b),
         "residual_add_layernorm": layernorm.residual_add_layernorm(x.copy(), y, b, w, b, 1e-5, np.empty_like(x)),
-        "softmax": softmax.scaled_softmax_rows(x.copy(), np.float32(0.3)),
+        "lofi": hilo.lofi_attention(qkv, 0, qkv_bias[:8], kv, kv_bias, 2, 4, 0.5, np.zeros((2, 7, 9, 8), np.float32),
+                                    0),
         "dwconv": dwconv_gelu.dwconv3x3_gelu(img, img[0, 0, 0], np.ones((3, 3, 6), np.float32), img[1, 1, 1]),
         "deform": deform_conv.deform_sample(img, offsets),
         "hifi": hilo.hifi_attention(qkv, qkv_bias, 2, 2, 4, 0.5, np.zeros((2, 7, 9, 8), np.float32)),

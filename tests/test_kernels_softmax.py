@@ -1,4 +1,4 @@
-"""Scaled row softmax and the vectorised float32 exp vs float64 NumPy."""
+"""The scaled softmax of padded rows and the vectorised float32 exp vs float64 NumPy."""
 import numpy as np
 from hypothesis import example, given, strategies as st
 
@@ -32,43 +32,6 @@ def test_exp_keeps_nan_in_vectors_and_in_the_tail():
     assert (np.abs(got[keep] - np.exp(x[keep].astype(np.float64))) <= 3e-7 * np.exp(x[keep])).all()
 
 
-@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 100), m=st.integers(1, 200),
-       spread=st.sampled_from([0.1, 1.0, 30.0]), scale=st.sampled_from([1.0, 32 ** -0.5]))
-@example(seed=0, rows=1960, m=49, spread=5.0, scale=32 ** -0.5)   # LITv2-S layers.2 Lo-Fi, 10 heads
-@example(seed=1, rows=1, m=1, spread=1.0, scale=1.0)
-def test_scaled_softmax_rows(seed, rows, m, spread, scale):
-    s = (np.random.default_rng(seed).standard_normal((rows, m)) * spread).astype(np.float32)
-    ref = k.scaled_softmax_rows_ref(s.copy(), scale)
-    assert_close(k.scaled_softmax_rows(s, np.float32(scale)), ref, "attention")
-
-
-def test_nan_row_stays_nan():
-    s = np.zeros((2, 5), np.float32)
-    s[0, 2] = np.nan
-    out = k.scaled_softmax_rows(s, np.float32(1.0))
-    assert np.isnan(out[0]).all() and np.allclose(out[1], 0.2)
-
-
-@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 20), m=st.integers(1, 70), step=st.sampled_from([1, 2, 3]))
-@example(seed=2, rows=3, m=49, step=2)
-def test_scaled_softmax_rows_of_strided_columns(seed, rows, m, step):
-    """Rows whose elements are not contiguous take the scalar maximum; contiguous ones the vector one."""
-    wide = (np.random.default_rng(seed).standard_normal((rows, m * step)) * 4.0).astype(np.float32)
-    s = wide[:, ::step]
-    ref = k.scaled_softmax_rows_ref(s.copy(), 0.5)
-    assert_close(k.scaled_softmax_rows(s, np.float32(0.5)), ref, "attention")
-
-
-@given(m=st.integers(1, 70), at=st.integers(0, 69))
-def test_row_maximum_anywhere_in_the_row(m, at):
-    """The maximum in any lane of any vector, or in the scalar tail, sets the shift (one huge score: the
-    softmax is one-hot only if it is found)."""
-    s = np.zeros((1, m), np.float32)
-    s[0, at % m] = 100.0
-    out = k.scaled_softmax_rows(s, np.float32(1.0))
-    assert out[0, at % m] == 1.0 and np.isfinite(out).all()
-
-
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 30), m=st.integers(1, 70),
        spread=st.sampled_from([0.1, 1.0, 30.0]), scale=st.sampled_from([1.0, 32 ** -0.5]), garbage=st.booleans())
 @example(seed=3, rows=196, m=49, spread=5.0, scale=32 ** -0.5, garbage=True)   # LITv2-S Lo-Fi, 7x7 windows
@@ -82,3 +45,22 @@ def test_softmax_padded_rows(seed, rows, m, spread, scale, garbage):
     k.softmax_padded_rows(padded, m, np.float32(scale), 0, rows)
     assert_close(padded[:, :m], ref, "attention")
     assert padded.shape[1] % 16 == 0 and padded.shape[1] - m < 16
+
+
+def test_nan_row_stays_nan():
+    """A NaN score, in a whole vector or in the remainder, makes its row NaN; the other rows are untouched."""
+    padded = np.zeros((3, k.padded_width(21)), np.float32)
+    padded[0, 2] = np.nan
+    padded[1, 18] = np.nan
+    k.softmax_padded_rows(padded, 21, np.float32(1.0), 0, 3)
+    assert np.isnan(padded[:2, :21]).all() and np.allclose(padded[2, :21], 1 / 21)
+
+
+@given(m=st.integers(1, 70), at=st.integers(0, 69))
+def test_row_maximum_anywhere_in_the_row(m, at):
+    """The maximum in any lane of any vector, or in the scalar remainder, sets the shift (one huge score: the
+    softmax is one-hot only if it is found)."""
+    padded = np.zeros((1, k.padded_width(m)), np.float32)
+    padded[0, at % m] = 100.0
+    k.softmax_padded_rows(padded, m, np.float32(1.0), 0, 1)
+    assert padded[0, at % m] == 1.0 and np.isfinite(padded).all()
