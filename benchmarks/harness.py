@@ -391,13 +391,18 @@ def render_report():
     return "\n".join(lines)
 
 
+def write_text(path, text):
+    """`text` into `path` (its folder made if missing) through a temporary file renamed over it: a reader or an
+    interrupted run never leaves half a report."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".part", "w") as f:
+        f.write(text)
+    os.replace(path + ".part", path)
+
+
 def write_report(text, name=None):
-    os.makedirs(RESULTS_DIR, exist_ok=True)
     name = name or f"{VARIANT}_{IMG}_{time.strftime('%Y%m%d-%H%M%S')}.md"
     path = os.path.join(RESULTS_DIR, name)
-    with open(path, "w") as f:
-        f.write(text + "\n")
-    latest = os.path.join(RESULTS_DIR, f"{VARIANT}_{IMG}_latest.md")
-    with open(latest, "w") as f:
-        f.write(text + "\n")
+    write_text(path, text + "\n")
+    write_text(os.path.join(RESULTS_DIR, f"{VARIANT}_{IMG}_latest.md"), text + "\n")
     return path

@@ -223,12 +223,9 @@ def main(argv=None):
                 lines += [""] + report_model(name, batch, converted, onnx_path)
                 print(f"profile_cpu: {name} batch {batch} done", flush=True)
     text = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
     for path in (os.path.join(args.out, f"cpu_profile_{cpu_slug()}.md"),
                  os.path.join(args.out, "cpu_profile_latest.md")):
-        with open(path + ".part", "w") as f:
-            f.write(text)
-        os.replace(path + ".part", path)
+        harness.write_text(path, text)
     print(text + f"\nwritten to {path}")
 
 

@@ -161,11 +161,8 @@ def main(argv=None):
             lines += ["", f"## {name}: qnalo", ""] + profile_qnalo(cp, clock, converted, x)
             lines += ["", f"## {name}: PyTorch eager", ""] + profile_torch(reference.to(device), x, device)
     text = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cuda_profile_dry_run_latest.md" if DRY_RUN else "cuda_profile_latest.md")
-    with open(path + ".part", "w") as f:
-        f.write(text)
-    os.replace(path + ".part", path)
+    harness.write_text(path, text)
     print(text + f"\nwritten to {path}")
 
 
