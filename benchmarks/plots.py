@@ -89,7 +89,7 @@ def hilo_layers(kind):
                       lo_heads=(0, 0, lo, 24))
     tensors = random_tensors(cfg, seed=0)
     prefix = "layers.2.blocks.0.attn."
-    qnalo_attn = HiLoAttention(NUMBA, tensors, prefix, cfg, 2)
+    qnalo_attn = HiLoAttention(NUMBA, tensors, prefix, cfg.head_dim(2), cfg.hi_heads(2), cfg.lo_heads[2], ws)
     ref = HiLo(384, 12, window_size=ws, lo_heads=lo if ws > 1 else None).eval()
 
     def run_qnalo(x):

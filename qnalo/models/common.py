@@ -73,8 +73,7 @@ class Classifier:
         self._ops = get_ops(backend)
         if backend == "numba" and not _jit.nb.config.DISABLE_JIT:   # without the JIT there is nothing to load
             warm_up(type(self), cfg)
-        return {k: read_only(v if v.dtype == np.float32 and v.flags.c_contiguous else
-                             np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()}
+        return engine_arrays(tensors)
 
     def warm_up_side(self):
         """The image side warm_up runs this model at: its resolution (any side runs)."""
@@ -184,6 +183,12 @@ def read_only(array):
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+def engine_arrays(tensors):
+    """name -> read-only float32 C-contiguous array (a view of the given one where it already is one)."""
+    return {k: read_only(v if v.dtype == np.float32 and v.flags.c_contiguous else np.ascontiguousarray(v, np.float32))
+            for k, v in tensors.items()}
 
 
 def warm_up(model_cls, cfg):

@@ -78,13 +78,14 @@ def random_tensors(cfg: LITv2Config, seed=0):
 
 class HiLoAttention:
     """Hi-Fi heads attend inside ws x ws windows, Lo-Fi heads attend to ws x ws average-pooled keys/values;
-    output channels are [Hi-Fi | Lo-Fi], each branch with its own output projection."""
+    output channels are [Hi-Fi | Lo-Fi], each branch with its own output projection. t holds the engine-layout
+    tensors prefix + {h_qkv, h_proj, l_q, l_kv, l_proj}.{weight, bias} of the branches that have heads."""
 
-    def __init__(self, ops, t, prefix, cfg, stage):
-        self.ws = cfg.window_sizes[stage]
-        self.head_dim = cfg.head_dim(stage)
+    def __init__(self, ops, t, prefix, head_dim, hi_heads, lo_heads, ws):
+        self.ws = ws
+        self.head_dim = head_dim
         self.scale = self.head_dim ** -0.5
-        self.hi_heads, self.lo_heads = cfg.hi_heads(stage), cfg.lo_heads[stage]
+        self.hi_heads, self.lo_heads = hi_heads, lo_heads
         self.hi_dim, self.lo_dim = self.hi_heads * self.head_dim, self.lo_heads * self.head_dim
         lin = lambda name: Linear(ops, t[prefix + name + ".weight"], t[prefix + name + ".bias"])  # noqa: E731
         # both branches read the same normalised tokens: h_qkv and l_q are one GEMM, [h_qkv | l_q] (C, 3hi + lo)
@@ -144,7 +145,9 @@ class Block:
     """Pre-norm residual block: [x + HiLo(norm1 x)], x + ConvFFN(norm2 x). Stages 0-1 have no attention."""
 
     def __init__(self, ops, t, prefix, cfg, stage):
-        self.attn = HiLoAttention(ops, t, prefix + "attn.", cfg, stage) if cfg.window_sizes[stage] else None
+        ws = cfg.window_sizes[stage]
+        self.attn = HiLoAttention(ops, t, prefix + "attn.", cfg.head_dim(stage), cfg.hi_heads(stage),
+                                  cfg.lo_heads[stage], ws) if ws else None
         self.norm1 = Norm(t, prefix + "norm1") if self.attn else None
         self.norm2 = Norm(t, prefix + "norm2")
         self.mlp = ConvFFN(ops, t, prefix + "mlp.")

@@ -29,7 +29,6 @@ NUMBA = SimpleNamespace(
     lofi_attention=hilo.lofi_attention,
     bias_gelu_tanh=gelu_tanh.bias_gelu_tanh,
     qna_windows=qna.qna_windows,
-    qna_attention=qna.qna_attention,
     window_msa=window_msa.window_msa,
 )
 
@@ -49,7 +48,6 @@ NUMPY = SimpleNamespace(
     lofi_attention=hilo.lofi_attention_ref,
     bias_gelu_tanh=gelu_tanh.bias_gelu_tanh_ref,
     qna_windows=qna.qna_windows_ref,
-    qna_attention=qna.qna_attention_ref,
     window_msa=window_msa.window_msa_ref,
 )
 

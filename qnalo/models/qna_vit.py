@@ -87,12 +87,14 @@ def random_tensors(cfg: QnAViTConfig, seed=0):
 
 class QnAAttention:
     """The QnA layer (kernels/qna.py): one GEMM to [logits | values] with the normalised queries folded into
-    the key projection at load time, the fused window kernel, the output projection. No biases (official)."""
+    the key projection at load time, the fused window kernel, the output projection. QnA-ViT's layers have no
+    biases (official use_bias=False); a layer with use_bias=True (qnalo.layers.QnA) passes in_bias, the
+    (nq*h + F,) bias of [logits | values] (the logits' part is the key bias folded with the queries)."""
 
-    def __init__(self, ops, t, prefix, heads, stride):
+    def __init__(self, ops, t, prefix, heads, stride, in_bias=None):
         self.heads, self.stride = heads, stride
         folded = fold_queries(t[prefix + "q_param"], t[prefix + "proj_k.weight"], heads)
-        self.in_proj = Linear(ops, np.concatenate([folded, t[prefix + "proj_v.weight"]], axis=1), None)
+        self.in_proj = Linear(ops, np.concatenate([folded, t[prefix + "proj_v.weight"]], axis=1), in_bias)
         for n in ("proj_k.weight", "proj_v.weight"):
             release_pages(t[prefix + n])   # folded / copied into in_proj
         self.out_proj = Linear(ops, t[prefix + "proj_out.weight"], None)
@@ -102,8 +104,10 @@ class QnAAttention:
         self.features = t[prefix + "proj_out.weight"].shape[0]
 
     def __call__(self, ops, xn, b, h, w):
-        """xn (B*h*w, C) normalised tokens -> (B*ho*wo, F) without bias (there is none), ho, wo."""
+        """xn (B*h*w, C) normalised tokens -> (B*ho*wo, F_out) without proj_out's bias, ho, wo."""
         lv = self.in_proj.matmul(xn).reshape(b, h, w, -1)
+        if self.in_proj.bias is not None:
+            lv += self.in_proj.bias
         ho, wo = qna_output_size(h, self.ksize, self.stride), qna_output_size(w, self.ksize, self.stride)
         out = ops.xp.empty((b, ho, wo, self.features), ops.dtype)
         ops.qna_windows(lv, self.rpe, self.attn_scale, self.heads, self.stride, out)
@@ -123,6 +127,8 @@ class WindowMSA:
     def __call__(self, ops, xn, b, h, w):
         c = xn.shape[1]
         qkv = self.qkv.matmul(xn).reshape(b, h, w, 3 * c)
+        if self.qkv.bias is not None:   # QnA-ViT has none; qnalo.layers.WindowMSA of a use_bias module does
+            qkv += self.qkv.bias
         out = ops.xp.empty((b, h, w, c), ops.dtype)
         ops.window_msa(qkv, self.rel_bias, self.window, self.heads, out)
         return self.proj.matmul(out.reshape(-1, c)), h, w
