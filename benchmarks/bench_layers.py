@@ -1,10 +1,16 @@
-"""The QnA layer alone: qnalo's fused window kernel vs a PyTorch eager implementation of the official
-grouped-convolution formulation (tests/reference/qna_torch.py), at QnA-ViT-Tiny's first stage (56x56x64,
-8 heads, 2 queries, stride 1, batch 1), k = 3 and 7, 2 threads each; and the peak extra memory of one call for
-k = 3, 7, 11, 15 beside overlapping local self-attention (SASA: keys and values unfolded over each k x k
-neighbourhood, which grows as k^2).
+"""The two attention layers alone, through the public API (qnalo.layers), against PyTorch eager on the same
+weights, 2 threads each:
 
-Run:  python -m pytest benchmarks/bench_qna_layer.py      (writes benchmarks/results/qna_layer_latest.md)
+* QnA (qnalo.layers.QnA.from_state_dict) vs a PyTorch implementation of the official grouped-convolution
+  formulation (tests/reference/qna_torch.py), at QnA-ViT-Tiny's first stage (56x56x64, 8 heads, 2 queries,
+  stride 1, batch 1), k = 3 and 7; and the peak extra memory of one call for k = 3, 7, 11, 15 beside
+  overlapping local self-attention (SASA: keys and values unfolded over each k x k neighbourhood, k^2 growth).
+* HiLo (qnalo.layers.HiLo.from_state_dict) vs the official-layout PyTorch HiLo (tests/reference/litv2_torch.py)
+  at LITv2-S's HiLo stage, layers.2 (14x14x384, 12 heads, ws 2, alpha 0.9), and at layers.3 (7x7x768, ws 1:
+  global attention), batch 1.
+
+Run:  python -m pytest benchmarks/bench_layers.py      (writes benchmarks/results/layers_<cpu>.md and
+                                                         layers_latest.md)
 """
 import harness  # noqa: F401  (first: pins the thread variables before numpy loads)
 
@@ -12,6 +18,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -26,17 +33,15 @@ SETUP = f"""
 import sys, numpy as np, torch
 sys.path.insert(0, {harness.TESTS!r})
 torch.set_num_threads({harness.THREADS})
-from reference.qna_torch import FusedKQnA, randomize_, engine_weights
-from qnalo.kernels.qna import qna_attention
+from reference.qna_torch import FusedKQnA, randomize_
+from qnalo.layers import QnA
 S, C, H, NQ = {SIZE}, {CHANNELS}, {HEADS}, {QUERIES}
 x = np.random.default_rng(0).standard_normal((1, S, S, C)).astype(np.float32)
 layer = randomize_(FusedKQnA(C, C, H, K, 1, NQ), seed=0).eval()
 # prepare(x NHWC numpy) -> the engine's input; run(prepared) -> the layer's output
 if ENGINE == "qnalo":
-    w = {{n: a.astype(np.float32) for n, a in engine_weights(layer.state_dict(), H).items()}}
+    run = QnA.from_state_dict(layer.state_dict(), H, K, 1, NQ)
     prepare = lambda a: a  # noqa: E731
-    def run(a):
-        return qna_attention(a, w["w_in"], w["w_out"], w["rpe"], w["attn_scale"], H, 1)
 elif ENGINE == "torch":
     prepare = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
     def run(a):
@@ -99,6 +104,46 @@ def bench_qna_layer(benchmark, engine, block, k):
         SAMPLES.setdefault((engine, k), []).extend(benchmark.stats.stats.data)
 
 
+HILO_SHAPES = {"layers.2": (14, 384, 12, 2), "layers.3": (7, 768, 24, 1)}   # side, dim, heads, ws (alpha 0.9)
+HILO_SAMPLES = {}   # (engine, stage) -> seconds of every timed call
+
+
+def _hilo_engine(engine, stage):
+    """(run, prepared input) of one engine's LITv2-S HiLo at `stage`, both on the same seeded weights; qnalo's
+    output is checked against the reference's before it is timed."""
+    import torch
+    from reference.litv2_torch import HiLo as TorchHiLo
+    from qnalo.layers import HiLo
+    torch.set_num_threads(harness.THREADS)
+    side, dim, heads, ws = HILO_SHAPES[stage]
+    sd = HiLo.random_state_dict(dim, heads, ws, 0.9, seed=0)
+    ref = TorchHiLo(dim, heads, window_size=ws, alpha=0.9).eval()
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    x = np.random.default_rng(0).standard_normal((1, side * side, dim)).astype(np.float32)
+    if engine == "torch":
+        def run(a):
+            with torch.inference_mode():
+                return ref(a, side, side)
+        return run, torch.from_numpy(x)
+    layer = HiLo.from_state_dict(sd, dim, heads, ws, 0.9)
+    with torch.inference_mode():
+        want = ref(torch.from_numpy(x), side, side).numpy()
+    np.testing.assert_allclose(layer(x, side, side), want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    return (lambda a: layer(a, side, side)), x
+
+
+@pytest.mark.parametrize("engine", ["qnalo", "torch"])
+@pytest.mark.parametrize("block", [1, 2])
+@pytest.mark.parametrize("stage", list(HILO_SHAPES))
+def bench_hilo_layer(benchmark, engine, block, stage):
+    """Alternating blocks of 50 calls, as bench_qna_layer."""
+    run, x = _hilo_engine(engine, stage)
+    benchmark.group = f"hilo-litv2-s-{stage}"
+    benchmark.pedantic(run, args=(x,), rounds=50, warmup_rounds=5, iterations=1)
+    if benchmark.stats is not None:
+        HILO_SAMPLES.setdefault((engine, stage), []).extend(benchmark.stats.stats.data)
+
+
 PROBE = """
 import os
 def _kib(field):
@@ -128,10 +173,12 @@ def bench_peak_memory_and_report():
     """Fresh process per engine and k: peak RSS of one full-size call above the RSS before it (kernels loaded
     on a small map first); then the report."""
     memory = {(e, k): _peak_extra_kib(e, k) for e in ("qnalo", "torch", "sasa") for k in MEMORY_K}
-    lines = [f"# QnA layer, {SIZE}x{SIZE}x{CHANNELS}, {HEADS} heads, {QUERIES} queries, stride 1, batch 1, "
-             f"{harness.THREADS} threads", "",
-             "Command: `python -m pytest benchmarks/bench_qna_layer.py`", "",
-             "Two blocks of 30 calls per engine, in the order qnalo, torch, qnalo, torch; medians over both.", "",
+    lines = [f"# The attention layers alone, qnalo.layers vs PyTorch eager, {harness.THREADS} threads, batch 1",
+             "", f"CPU: {harness.cpu_description()}", "", f"Measured {time.strftime('%Y-%m-%d %H:%M')}. Command: "
+             "`python -m pytest benchmarks/bench_layers.py`. Two blocks per engine, in the order qnalo, torch, "
+             "qnalo, torch; medians over both. Same weights in both; qnalo's output is checked against the "
+             "reference's before it is timed.", "",
+             f"## QnA, {SIZE}x{SIZE}x{CHANNELS}, {HEADS} heads, {QUERIES} queries, stride 1", "",
              "| k | qnalo median ms | PyTorch (official grouped-conv form) median ms | PyTorch / qnalo |",
              "|---:|---:|---:|---:|"]
     for k in TIMED_K:
@@ -144,9 +191,17 @@ def bench_peak_memory_and_report():
     for k in MEMORY_K:
         lines.append(f"| {k} | " + " | ".join(f"{memory[(e, k)] / 1024:.1f}" for e in ("qnalo", "torch", "sasa"))
                      + " |")
+    lines += ["", "## HiLo, LITv2-S (alpha 0.9)", "",
+              "| layer | map | qnalo median ms | PyTorch (official HiLo) median ms | PyTorch / qnalo |",
+              "|---|---|---:|---:|---:|"]
+    for stage, (side, dim, heads, ws) in HILO_SHAPES.items():
+        if ("qnalo", stage) in HILO_SAMPLES and ("torch", stage) in HILO_SAMPLES:
+            q, t = (float(np.median(HILO_SAMPLES[(e, stage)])) for e in ("qnalo", "torch"))
+            lines.append(f"| {stage} (ws {ws}, {heads} heads) | {side}x{side}x{dim} | {q * 1e3:.3f} | "
+                         f"{t * 1e3:.3f} | {t / q:.1f}x |")
     text = "\n".join(lines) + "\n"
-    os.makedirs(harness.RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(harness.RESULTS_DIR, "qna_layer_latest.md"), "w") as f:
-        f.write(text)
+    cpu = harness.cpu_tag()
+    for name in (f"layers_{cpu}.md", "layers_latest.md"):
+        harness.write_text(os.path.join(harness.RESULTS_DIR, name), text)
     print("\n" + text)
     print(json.dumps({f"{e}-k{k}": v for (e, k), v in memory.items()}))

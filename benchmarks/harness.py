@@ -249,6 +249,16 @@ def cpu_description():
             f"({cpu_name()}): {have}")
 
 
+def cpu_tag():
+    """A file-name tag of the CPU kind, vendor, product line, family and model: "intel-xeon-f6m167",
+    "amd-epyc-f25m17". Reports keep one file per tag, so a result on one CPU kind never replaces another's."""
+    info = _cpuinfo()
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(info.get("vendor_id"), "cpu")
+    line = next((word.lower() for word in cpu_name().replace("(R)", " ").split()
+                 if word.lower() in ("xeon", "epyc", "core", "ryzen", "threadripper")), None)
+    return "-".join(filter(None, (vendor, line, f"f{info.get('cpu family', 'x')}m{info.get('model', 'x')}")))
+
+
 def _cpuinfo():
     """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
     fields = {}
@@ -404,5 +414,6 @@ def write_report(text, name=None):
     name = name or f"{VARIANT}_{IMG}_{time.strftime('%Y%m%d-%H%M%S')}.md"
     path = os.path.join(RESULTS_DIR, name)
     write_text(path, text + "\n")
+    write_text(os.path.join(RESULTS_DIR, f"{VARIANT}_{IMG}_{cpu_tag()}.md"), text + "\n")
     write_text(os.path.join(RESULTS_DIR, f"{VARIANT}_{IMG}_latest.md"), text + "\n")
     return path

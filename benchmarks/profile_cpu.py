@@ -40,7 +40,7 @@ QNALO_CATEGORY = {
     "dwconv3x3_gelu": "depthwise conv (+ GELU)",
     "deform_sample": "deformable sampling",
     "hifi_attention": "attention", "lofi_attention": "attention", "window_avgpool": "attention",
-    "qna_windows": "attention", "qna_attention": "attention", "window_msa": "attention",
+    "qna_windows": "attention", "window_msa": "attention",
 }
 OPENVINO_CATEGORY = {
     "FullyConnected": "GEMM (linear layers)", "Convolution": "GEMM (linear layers)",
@@ -189,12 +189,6 @@ def report_model(name, batch, converted, onnx_path):
     return lines
 
 
-def cpu_slug():
-    info = harness._cpuinfo()
-    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(info.get("vendor_id"), "cpu")
-    return f"{vendor}-f{info.get('cpu family', 'x')}m{info.get('model', 'x')}"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
@@ -223,7 +217,7 @@ def main(argv=None):
                 lines += [""] + report_model(name, batch, converted, onnx_path)
                 print(f"profile_cpu: {name} batch {batch} done", flush=True)
     text = "\n".join(lines) + "\n"
-    for path in (os.path.join(args.out, f"cpu_profile_{cpu_slug()}.md"),
+    for path in (os.path.join(args.out, f"cpu_profile_{harness.cpu_tag()}.md"),
                  os.path.join(args.out, "cpu_profile_latest.md")):
         harness.write_text(path, text)
     print(text + f"\nwritten to {path}")
