@@ -9,7 +9,15 @@
     >>> feats = model.forward_features(images)            # 4 maps (B, C_i, H_i, W_i)
 """
 import dataclasses
+import os
 import warnings
+
+# In a checkout, kernels/ and weights_converter/ sit beside qnalo/ (the design card's layout) and an install
+# puts them under qnalo/. Imported from a checkout's root, with or without an install, qnalo finds them there.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "kernels")) and \
+        os.path.isfile(os.path.join(_CHECKOUT, "kernels", "__init__.py")):
+    __path__.append(_CHECKOUT)
 
 from .errors import CheckpointError, InputError, QnaloError, UnsafeCheckpointError, VariantMismatchError
 from .models import MODEL_REGISTRY, read_model_file, read_variant_file
