@@ -87,3 +87,7 @@ def _deform_sample_rows(x, offsets, cols, start, stop):
                         src = x[n, yy, xx]
                         for j in range(c):
                             dst[j] += wgt * src[j]
+
+
+# op name -> (NumPy reference, Numba kernel), for qnalo.models.ops
+OPS = {"deform_sample": (deform_sample_ref, deform_sample)}

@@ -107,3 +107,7 @@ def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
             dst = out[n, y, x]
             for jj in range(c):
                 dst[jj] = gelu32(sums[jj])
+
+
+# op name -> (NumPy reference, Numba kernel), for qnalo.models.ops
+OPS = {"dwconv3x3_gelu": (dwconv3x3_gelu_ref, dwconv3x3_gelu)}

@@ -63,3 +63,7 @@ def bias_gelu(y, bias):
         for j in range(c):
             y[i, j] = gelu32(y[i, j] + bias[j])
     return y
+
+
+# op name -> (NumPy reference, Numba kernel), for qnalo.models.ops
+OPS = {"bias_gelu": (bias_gelu_ref, bias_gelu)}

@@ -51,3 +51,7 @@ def _bias_gelu_tanh_rows(y, bias, start, stop):
 def bias_gelu_tanh(y, bias):
     split_rows(_bias_gelu_tanh_rows, y.shape[0], 16 * y.shape[1], y, bias)
     return y
+
+
+# op name -> (NumPy reference, Numba kernel), for qnalo.models.ops
+OPS = {"bias_gelu_tanh": (bias_gelu_tanh_ref, bias_gelu_tanh)}

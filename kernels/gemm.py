@@ -388,3 +388,17 @@ def matmul(x, weight: PackedWeight, out=None):
     else:
         split_rows(lambda s, e: gemm_tiles(x, panels, out, 0, m, s, e), p, m * k * NR)
     return out
+
+
+def _float32_empty(shape):
+    return np.empty(shape, np.float32)
+
+
+def _unpacked(w):
+    return w
+
+
+# op name -> (NumPy reference, Numba kernel): qnalo.models.ops builds its op sets from these tables. A weight is
+# packed once (the reference keeps it as it is), and a GEMM output starts on a cache line.
+OPS = {"matmul": (matmul_ref, matmul), "pack_weight": (_unpacked, PackedWeight),
+       "empty": (_float32_empty, aligned_empty)}

@@ -198,3 +198,8 @@ def _lofi_heads(q, q_bias, kv, kv_bias, heads, head_dim, scale32, out, start, st
         gemm_tiles(q_head, k_panels, scores, 0, n_queries, 0, k_panels.shape[0])
         softmax_padded_rows(padded, m_keys, scale32, 0, n_queries)
         gemm_tiles(scores, v_panels, out[n, :, col:col + head_dim], 0, n_queries, 0, v_panels.shape[0])
+
+
+# op name -> (NumPy reference, Numba kernel), for qnalo.models.ops
+OPS = {"window_avgpool": (window_avgpool_ref, window_avgpool), "hifi_attention": (hifi_attention_ref, hifi_attention),
+       "lofi_attention": (lofi_attention_ref, lofi_attention)}

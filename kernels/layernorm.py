@@ -84,3 +84,8 @@ def residual_add(x, y, bias):
 def residual_add_layernorm(x, y, bias, weight, ln_bias, eps, out):
     split_rows(_residual_add_layernorm_rows, x.shape[0], 5 * x.shape[1], x, y, bias, weight, ln_bias, eps, out)
     return out
+
+
+# op name -> (NumPy reference, Numba kernel), for qnalo.models.ops
+OPS = {"layernorm": (layernorm_ref, layernorm), "residual_add": (residual_add_ref, residual_add),
+       "residual_add_layernorm": (residual_add_layernorm_ref, residual_add_layernorm)}

@@ -82,7 +82,7 @@ def _layout(n_cols, rpe, attn_scale, heads, stride):
 
 def qna_layer_with(x, w_in, w_out, rpe, attn_scale, heads, stride, windows, matmul, dtype, xp=np):
     """The whole layer with the given window op, GEMM and compute dtype, on arrays of module xp (NumPy, or
-    CuPy with cuda_ops.qna_windows: benchmarks/bench_cuda.py)."""
+    CuPy with cuda.ops.qna_windows: benchmarks/bench_cuda.py)."""
     b, h, w, c = x.shape
     ksize, _, f = _layout(w_in.shape[1], rpe, attn_scale, heads, stride)
     lv = matmul(x.reshape(-1, c).astype(dtype, copy=False), w_in.astype(dtype, copy=False))
@@ -494,3 +494,7 @@ def _qna_rows(lv, rpe, scale, heads, nq, ksize, stride, out, start, stop):
                 src = flat[cell_row[t]]
                 for jj in range(f):
                     dst[jj] += wf[jj] * src[nc + jj]
+
+
+# op name -> (NumPy reference, Numba kernel), for qnalo.models.ops
+OPS = {"qna_windows": (qna_windows_ref, qna_windows)}

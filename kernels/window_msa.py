@@ -99,3 +99,7 @@ def relative_bias(table, window):
     dy = pos[:, None] // window - pos[None, :] // window + window - 1
     dx = pos[:, None] % window - pos[None, :] % window + window - 1
     return np.ascontiguousarray(np.asarray(table)[dy * (2 * window - 1) + dx].transpose(2, 0, 1))
+
+
+# op name -> (NumPy reference, Numba kernel), for qnalo.models.ops
+OPS = {"window_msa": (window_msa_ref, window_msa)}

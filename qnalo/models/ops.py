@@ -11,45 +11,27 @@ import numpy as np
 from qnalo.errors import InputError
 from qnalo.kernels import deform_conv, dwconv_gelu, gelu, gelu_tanh, gemm, hilo, layernorm, qna, window_msa
 
+# Each kernel module declares its ops: name -> (NumPy reference, Numba kernel), one signature for both.
+KERNEL_MODULES = (gemm, layernorm, gelu, gelu_tanh, dwconv_gelu, deform_conv, hilo, qna, window_msa)
+
+
+def _declared(which):
+    """name -> the reference (0) or kernel (1) of every op the kernel modules declare."""
+    ops = {}
+    for module in KERNEL_MODULES:
+        for name, pair in module.OPS.items():
+            if name in ops:
+                raise RuntimeError(f"op {name!r} is declared twice (again in {module.__name__})")
+            ops[name] = pair[which]
+    return ops
+
+
 # tokens_per_group: how many stage-0 tokens LITv2 runs through its first two stages at a time (a few images, so
 # that their hidden buffers stay in a CPU's cache; None: the whole batch at once, as a GPU wants)
-NUMBA = SimpleNamespace(
-    xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
-    pack_weight=gemm.PackedWeight,
-    empty=gemm.aligned_empty,   # a GEMM output: its tiles' vector stores start on cache lines
-    matmul=gemm.matmul,
-    layernorm=layernorm.layernorm,
-    residual_add=layernorm.residual_add,
-    residual_add_layernorm=layernorm.residual_add_layernorm,
-    bias_gelu=gelu.bias_gelu,
-    dwconv3x3_gelu=dwconv_gelu.dwconv3x3_gelu,
-    deform_sample=deform_conv.deform_sample,
-    window_avgpool=hilo.window_avgpool,
-    hifi_attention=hilo.hifi_attention,
-    lofi_attention=hilo.lofi_attention,
-    bias_gelu_tanh=gelu_tanh.bias_gelu_tanh,
-    qna_windows=qna.qna_windows,
-    window_msa=window_msa.window_msa,
-)
-
-NUMPY = SimpleNamespace(
-    xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
-    pack_weight=lambda w: w,
-    empty=lambda shape: np.empty(shape, np.float32),
-    matmul=gemm.matmul_ref,
-    layernorm=layernorm.layernorm_ref,
-    residual_add=layernorm.residual_add_ref,
-    residual_add_layernorm=layernorm.residual_add_layernorm_ref,
-    bias_gelu=gelu.bias_gelu_ref,
-    dwconv3x3_gelu=dwconv_gelu.dwconv3x3_gelu_ref,
-    deform_sample=deform_conv.deform_sample_ref,
-    window_avgpool=hilo.window_avgpool_ref,
-    hifi_attention=hilo.hifi_attention_ref,
-    lofi_attention=hilo.lofi_attention_ref,
-    bias_gelu_tanh=gelu_tanh.bias_gelu_tanh_ref,
-    qna_windows=qna.qna_windows_ref,
-    window_msa=window_msa.window_msa_ref,
-)
+NUMBA = SimpleNamespace(xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
+                        **_declared(1))
+NUMPY = SimpleNamespace(xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
+                        **_declared(0))
 
 BACKENDS = {"numba": NUMBA, "numpy": NUMPY}
 
@@ -63,11 +45,11 @@ def get_ops(backend):
 
 def _cuda(dtype):
     """The op set of device="cuda" storing `dtype` (float32 or float16; arithmetic in float32 either way):
-    kernels/cuda through qnalo.kernels.cuda_ops, GEMMs on CuPy's cuBLAS (float16 inputs accumulate in float32:
+    kernels/cuda (each op's wrapper beside its .cu), GEMMs on CuPy's cuBLAS (float16 inputs accumulate in float32:
     CuPy calls cublasGemmEx with CUBLAS_COMPUTE_32F)."""
-    from qnalo.kernels import cuda_ops
+    from qnalo.kernels import cuda
     try:
-        cp = cuda_ops.cupy()
+        cp = cuda.cupy()
     except RuntimeError as exc:
         raise InputError(f"device='cuda': {exc}") from None
     try:
@@ -85,14 +67,8 @@ def _cuda(dtype):
         pack_weight=lambda w: cp.asarray(w, dtype=dtype),
         empty=lambda shape: cp.empty(shape, dtype),
         matmul=lambda x, w, out=None: cp.matmul(x, w, out=out),   # cuBLAS writes into out: no copy
-        **{name: getattr(cuda_ops, name) for name in CUDA_KERNEL_OPS},
+        **vars(cuda.ops),
     )
-
-
-# the ops device="cuda" takes from qnalo.kernels.cuda_ops (looked up when its op set is made)
-CUDA_KERNEL_OPS = ("layernorm", "residual_add", "residual_add_layernorm", "bias_gelu", "dwconv3x3_gelu",
-                   "deform_sample", "window_avgpool", "hifi_attention", "lofi_attention", "bias_gelu_tanh",
-                   "qna_windows", "window_msa")
 
 
 DEVICES = {"cuda": _cuda}   # device name -> factory(dtype) of its op set
