@@ -132,7 +132,7 @@ def bench_model(benchmark, gpu, models, name, case, engine):
 def bench_qna_layer(benchmark, gpu, k, engine):
     import torch
     from reference.qna_torch import FusedKQnA, engine_weights, randomize_
-    from qnalo.kernels import cuda_ops, qna
+    from qnalo.kernels import cuda, qna
     cp, device, synchronize = gpu
     batch = BATCHES["throughput_b64"]
     x = np.random.default_rng(0).standard_normal((batch, SIZE, SIZE, CHANNELS)).astype(np.float32)
@@ -149,7 +149,7 @@ def bench_qna_layer(benchmark, gpu, k, engine):
 
         def run():   # the layer as the model runs it: GEMM, fused windows, GEMM
             return qna.qna_layer_with(xc, w["w_in"], w["w_out"], w["rpe"], w["attn_scale"], HEADS, 1,
-                                      cuda_ops.qna_windows, cp.matmul, np.float32, xp=cp)
+                                      cuda.ops.qna_windows, cp.matmul, np.float32, xp=cp)
         with torch.inference_mode():
             want = layer(xt).permute(0, 2, 3, 1).cpu().numpy().reshape(-1, CHANNELS)
         PARITY[(case, engine)] = _relative(cp.asnumpy(run()).reshape(-1, CHANNELS), want)

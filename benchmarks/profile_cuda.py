@@ -1,5 +1,5 @@
 """Where the GPU time goes, for the next round of CUDA tuning: one forward pass of LITv2-S and QnA-ViT-Tiny at 224,
-batch 64, float32, on seeded random weights. qnalo (device="cuda") op by op: every cuda_ops kernel and every
+batch 64, float32, on seeded random weights. qnalo (device="cuda") op by op: every CUDA kernel and every
 cuBLAS GEMM bracketed by CUDA events, summed per op (GEMMs per shape), the rest of the pass's GPU time (CuPy's
 own elementwise ops, copies) and the host time beside it; PyTorch CUDA eager's profile of the same model on the
 same weights (torch.profiler, GPU time per op) under it.
@@ -53,9 +53,9 @@ class Clock:
 
 @contextlib.contextmanager
 def timed_ops(cp, clock):
-    """Within it, every cuda_ops kernel wrapper and cupy.matmul leave (name, start, end) in the yielded list;
+    """Within it, every CUDA kernel wrapper and cupy.matmul leave (name, start, end) in the yielded list;
     models must be built inside it (their op sets take the wrappers when they are made)."""
-    from qnalo.kernels import cuda_ops
+    from qnalo.kernels import cuda
     from qnalo.models import ops
     spans = []
 
@@ -68,18 +68,18 @@ def timed_ops(cp, clock):
             return result
         return timed
 
-    names = ops.CUDA_KERNEL_OPS
-    saved = {n: getattr(cuda_ops, n) for n in names}
+    names = list(vars(cuda.ops))
+    saved = {n: getattr(cuda.ops, n) for n in names}
     saved_matmul, saved_ops = cp.matmul, dict(ops._DEVICE_OPS)
     try:
         for n in names:
-            setattr(cuda_ops, n, wrap(n, saved[n]))
+            setattr(cuda.ops, n, wrap(n, saved[n]))
         cp.matmul = wrap("matmul", saved_matmul)
         ops._DEVICE_OPS.clear()
         yield spans
     finally:
         for n in names:
-            setattr(cuda_ops, n, saved[n])
+            setattr(cuda.ops, n, saved[n])
         cp.matmul = saved_matmul
         ops._DEVICE_OPS.clear()
         ops._DEVICE_OPS.update(saved_ops)

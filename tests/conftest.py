@@ -33,11 +33,11 @@ GPU = pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(GPU_SKIP is
 
 
 def _use_cupy(kind, monkeypatch):
-    """Yields the cupy module that device="cuda" and qnalo.kernels.cuda_ops get until the test ends: the CUDA
+    """Yields the cupy module that device="cuda" and qnalo.kernels.cuda get until the test ends: the CUDA
     emulator
     (tests/emulated_cupy: the same .cu kernels compiled with g++ and run on the CPU, its threads in the order
     `kind` names after "emulated-"), or the real CuPy on a GPU (kind "gpu")."""
-    from qnalo.kernels import cuda_ops
+    from qnalo.kernels import cuda
     from qnalo.models import ops
     if kind.startswith("emulated"):
         if shutil.which("g++") is None:
@@ -48,9 +48,9 @@ def _use_cupy(kind, monkeypatch):
     else:
         import cupy as module
     monkeypatch.setattr(ops, "_DEVICE_OPS", {})   # op sets and compiled modules belong to one cupy
-    cuda_ops._module.cache_clear()
+    cuda.module.cache_clear()
     yield module
-    cuda_ops._module.cache_clear()            # before monkeypatch puts the previous cupy back
+    cuda.module.cache_clear()            # before monkeypatch puts the previous cupy back
 
 
 @pytest.fixture(params=["emulated-lockstep", "emulated-warps-ahead", GPU])

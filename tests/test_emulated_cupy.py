@@ -181,9 +181,9 @@ def test_a_block_that_needs_more_registers_than_a_gpu_has_is_refused(module):
 def test_store_t_follows_the_half_define():
     source = '#include "common.cuh"\nextern "C" __global__ void copy(const store_t* x, store_t* y) ' \
              '{ y[threadIdx.x] = st(ld(x[threadIdx.x]) * 2.0f); }'
-    from qnalo.kernels import cuda_ops
+    from qnalo.kernels import cuda
     for dtype, options in ((np.float32, ()), (np.float16, ("-DQNALO_HALF",))):
-        kernel = cp.RawModule(code=source, options=("-I" + cuda_ops.SOURCE_DIR, *options)).get_function("copy")
+        kernel = cp.RawModule(code=source, options=("-I" + cuda.SOURCE_DIR, *options)).get_function("copy")
         x = cp.asarray(np.arange(32, dtype=dtype))
         y = cp.empty(32, dtype)
         kernel((1,), (32,), (x, y))
@@ -195,10 +195,10 @@ def test_store_t_follows_the_half_define():
 def test_the_half_conversions_round_as_cvt_rn():
     """cvt.rn.f16.f32 and cvt.f32.f16 on the CPU: NumPy's float16 cast (round to nearest even, subnormals,
     overflow to inf, NaN) for every float16 and midpoints between them."""
-    from qnalo.kernels import cuda_ops
+    from qnalo.kernels import cuda
     source = '#include "common.cuh"\nextern "C" __global__ void round_trip(const float* x, float* y, int n) ' \
              '{ for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = ld(st(x[i])); }'
-    kernel = cp.RawModule(code=source, options=("-I" + cuda_ops.SOURCE_DIR, "-DQNALO_HALF")).get_function(
+    kernel = cp.RawModule(code=source, options=("-I" + cuda.SOURCE_DIR, "-DQNALO_HALF")).get_function(
         "round_trip")
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
     finite = np.sort(halves[np.isfinite(halves)])

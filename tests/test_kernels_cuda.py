@@ -1,4 +1,4 @@
-"""kernels/cuda_ops.py and kernels/cuda/*.cu: every CUDA source compiles for sm_80 and sm_90 (nvcc --ptx, no GPU
+"""kernels/cuda/*.cu and their wrappers beside them: every CUDA source compiles for sm_80 and sm_90 (nvcc --ptx, no GPU
 needed), the ops refuse clearly without CuPy, and each op matches its NumPy reference, run twice through the `cp`
 fixture (conftest.py): on the CPU by the CUDA emulator (tests/emulated_cupy: the same .cu compiled with g++, every
 CUDA thread a fiber), and on a GPU with CuPy (marked `gpu`, skipped without one)."""
@@ -14,14 +14,20 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from qnalo.kernels import cuda_ops, deform_conv, dwconv_gelu, gelu, gelu_tanh, hilo, layernorm, qna, window_msa
+from qnalo.kernels import cuda, deform_conv, dwconv_gelu, gelu, gelu_tanh, hilo, layernorm, qna, window_msa
 from tolerances import assert_close
 
-SOURCES = sorted(glob.glob(os.path.join(cuda_ops.SOURCE_DIR, "*.cu")))
+SOURCES = sorted(glob.glob(os.path.join(cuda.SOURCE_DIR, "*.cu")))
+cuda_ops = cuda.ops
+
+
+def defines(source):
+    """The -D options a source's wrapper compiles it with."""
+    return [f"-D{name}={value}" for name, value in cuda.SOURCES[os.path.basename(source)[:-3]]]
 
 
 def test_every_cuda_source_is_loaded_by_the_ops():
-    assert sorted(os.path.basename(p)[:-3] for p in SOURCES) == sorted(cuda_ops.SOURCES)
+    assert sorted(os.path.basename(p)[:-3] for p in SOURCES) == sorted(cuda.SOURCES)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -32,8 +38,8 @@ def test_cuda_source_compiles(source, arch, storage, tmp_path):
     # -Werror all-warnings: an unused variable or a narrowing conversion fails here, not on a user's GPU; store_t
     # is a struct in both builds, so an array access that skips ld()/st() is a compile error too
     half = ["-DQNALO_HALF"] if storage == "float16" else []
-    out = subprocess.run(["nvcc", "--ptx", f"-arch={arch}", "-I", cuda_ops.SOURCE_DIR, "-Werror", "all-warnings",
-                          *half, "-o", str(tmp_path / "out.ptx"), source], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(["nvcc", "--ptx", f"-arch={arch}", "-I", cuda.SOURCE_DIR, "-Werror", "all-warnings",
+                          *half, *defines(source), "-o", str(tmp_path / "out.ptx"), source], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
 
 
@@ -59,7 +65,7 @@ NVRTC = _nvrtc()
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 @pytest.mark.parametrize("source", SOURCES, ids=[os.path.basename(p) for p in SOURCES])
 def test_cuda_source_compiles_under_nvrtc(source, arch, storage):
-    """The compiler CuPy runs on the user's machine, with cuda_ops's own options: unlike nvcc it has no host
+    """The compiler CuPy runs on the user's machine, with the wrappers' own options: unlike nvcc it has no host
     headers and no host compiler, so what builds under nvcc may still fail here."""
     program = ctypes.c_void_p()
     with open(source, "rb") as f:
@@ -67,7 +73,9 @@ def test_cuda_source_compiles_under_nvrtc(source, arch, storage):
     assert NVRTC.nvrtcCreateProgram(ctypes.byref(program), code, os.path.basename(source).encode(), 0, None,
                                     None) == 0
     try:
-        options = [o.encode() for o in (*cuda_ops.nvrtc_options(storage == "float16"), "-arch=" + arch)]
+        options = [o.encode() for o in (*cuda.nvrtc_options(storage == "float16",
+                                                             cuda.SOURCES[os.path.basename(source)[:-3]]),
+                                         "-arch=" + arch)]
         status = NVRTC.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
         size = ctypes.c_size_t()
         NVRTC.nvrtcGetProgramLogSize(program, ctypes.byref(size))
@@ -90,7 +98,8 @@ def test_kernels_keep_their_working_sets_in_registers(source, storage, tmp_path)
     """ptxas's resource report for sm_90: no kernel spills registers, and none but the generic attention kernels
     (head_dim at run time) has a stack frame, i.e. arrays in local memory: what the _hd32 builds are for."""
     half = ["-DQNALO_HALF"] if storage == "float16" else []
-    out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "--resource-usage", "-I", cuda_ops.SOURCE_DIR, *half, "-o",
+    out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "--resource-usage", "-I", cuda.SOURCE_DIR, *half,
+                          *defines(source), "-o",
                           str(tmp_path / "out.cubin"), source], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = RESOURCES.findall(out.stdout + out.stderr)
@@ -108,7 +117,7 @@ def test_a_forgotten_conversion_does_not_compile(tmp_path):
     bad = tmp_path / "bad.cu"
     bad.write_text('#include "common.cuh"\nextern "C" __global__ void k(const store_t* x, float* y) { y[0] = x[0]; }\n')
     for half in ([], ["-DQNALO_HALF"]):
-        out = subprocess.run(["nvcc", "--ptx", "-arch=sm_80", "-I", cuda_ops.SOURCE_DIR, *half, "-o",
+        out = subprocess.run(["nvcc", "--ptx", "-arch=sm_80", "-I", cuda.SOURCE_DIR, *half, "-o",
                               str(tmp_path / "bad.ptx"), str(bad)], capture_output=True, text=True, timeout=300)
         assert out.returncode != 0 and "store_t" in out.stderr
 
@@ -168,7 +177,7 @@ def test_bias_activations_match_numpy(cp, seed, rows, cols):
 @given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), h=st.integers(1, 17), w=st.integers(1, 17),
        c=st.integers(1, 70))
 @example(seed=0, b=1, h=56, w=56, c=384)   # LITv2-S stage 0 hidden
-@example(seed=1, b=2, h=3, w=17, c=5)      # runs of cuda_ops.DWCONV_RUN (8) pixels: two full, then one of 1
+@example(seed=1, b=2, h=3, w=17, c=5)      # runs of cuda.dwconv_gelu.RUN (8) pixels: two full, then one of 1
 @example(seed=2, b=1, h=2, w=16, c=3)      # two full runs, the last ending at the row's end
 @example(seed=3, b=2, h=1, w=3, c=33)      # H = 1 (no row above or below), W shorter than a run
 @example(seed=4, b=3, h=4, w=1, c=1)       # W = 1, C = 1: a run of one pixel, runs of one channel
@@ -343,4 +352,4 @@ def test_float16_and_float32_cannot_mix_in_one_call(cp):
     with pytest.raises(TypeError, match="expected float16"):
         cuda_ops.layernorm(x, cp.zeros(4, cp.float32), cp.zeros(4, cp.float16), 1e-5, x)
     with pytest.raises(TypeError, match="expected float32 or float16"):
-        cuda_ops._dtype("x", np.zeros(3, np.float64))
+        cuda.storage("x", np.zeros(3, np.float64))

@@ -6,7 +6,9 @@
 #pragma once
 #include "common.cuh"
 
-#define MAX_HEAD_DIM 128
+#ifndef MAX_HEAD_DIM   // passed by the wrappers (window_msa.py's MAX_HEAD_DIM), which check head_dim against it
+#error "compile with -DMAX_HEAD_DIM=<largest head_dim>, as kernels/cuda/window_msa.py and hilo.py do"
+#endif
 #define KEY_TILE 16   // 32 measured 157-168 registers per thread in the _hd32 builds (nvcc 13.0, sm_90), 16: 114-128
 
 template <int HD>

@@ -7,7 +7,9 @@
 
 // 8: a full run issues 77 instructions an output on sm_90, 95 with runs of 4, 389 with one output a thread: the index
 // division, weights and edge tests serve more outputs, and 3.75 loads an output, not 4.5. 80 registers, no spills
-#define RUN 8   // cuda_ops.DWCONV_RUN
+#ifndef RUN   // passed by the wrapper, dwconv_gelu.py (its RUN), which sizes the grid by it
+#error "compile with -DRUN=<pixels per thread>, as kernels/cuda/dwconv_gelu.py does"
+#endif
 
 // the runs, by the grid's stride: run (row = img * height + y, x0 / RUN, c), c fastest. Index: unsigned int where
 // every index and in-image offset fits it (32-bit division and addressing), else unsigned long long; unsigned, so

@@ -16,7 +16,9 @@
 // and sums, 64-bit addresses recomputed per load; with exp2 by the special-function unit alone, no faster).
 #include "common.cuh"
 
-#define FEATURE_CHUNK 8
+#ifndef FEATURE_CHUNK   // passed by the wrapper, qna.py (its FEATURE_CHUNK), which sizes the grid by it
+#error "compile with -DFEATURE_CHUNK=<features per thread>, as kernels/cuda/qna.py does"
+#endif
 #define QUERY_CHUNK 2
 #define LOG2E 1.4426950408889634f
 

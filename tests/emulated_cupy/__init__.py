@@ -1,5 +1,5 @@
 """A stand-in for CuPy that runs qnalo's CUDA C kernels on the CPU, so that kernels/cuda/*.cu,
-qnalo.kernels.cuda_ops and the models' device="cuda" path are executed and checked where no GPU is.
+qnalo.kernels.cuda and the models' device="cuda" path are executed and checked where no GPU is.
 
 `module()` is a "cupy" module object: arrays live in NumPy memory behind a CuPy-like `ndarray` that refuses
 implicit conversion to NumPy, as CuPy does; RawModule compiles a .cu source with g++ against cuda_on_cpu.h (every
