@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 
-from . import _jit
+from . import _jit, threads
 
 # Units of work, largest first so that the processes finish close together (compile seconds on the project's
 # 2-core Xeon). Kernels that call a shared kernel stay in one unit: two processes compiling one function at
@@ -73,8 +73,8 @@ def compile_ahead():
             return
         _STARTED.append(True)
         cold = _cold_units()
-        if _jit.NUM_THREADS >= 2 and len(cold) >= 2:
-            _compile_in_processes(cold, min(_jit.NUM_THREADS, len(cold)))
+        if threads.NUM_THREADS >= 2 and len(cold) >= 2:
+            _compile_in_processes(cold, min(threads.NUM_THREADS, len(cold)))
 
 
 def _compile_in_processes(cold, processes):

@@ -7,7 +7,8 @@ renormalised). The result, cols (B, Ho, Wo, 4, C), multiplied by the (4C, 2C) we
 import numba as nb
 import numpy as np
 
-from ._jit import ahead_kernel, array, split_rows
+from ._jit import ahead_kernel, array
+from .threads import split_rows
 
 
 def space_to_depth2_ref(x):

@@ -5,7 +5,8 @@ in-image sample, so zero padding stays zero exactly as in the official fc1 -> dw
 import numba as nb
 import numpy as np
 
-from ._jit import ahead_kernel, array, split_rows
+from ._jit import ahead_kernel, array
+from .threads import split_rows
 from .gelu import gelu32, gelu_ref
 from .simd import vadd, vfma, vload, vstore, wadd, wfma, wload, wstore
 

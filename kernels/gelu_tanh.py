@@ -9,7 +9,8 @@ import math
 import numba as nb
 import numpy as np
 
-from ._jit import ahead_kernel, array, split_rows
+from ._jit import ahead_kernel, array
+from .threads import split_rows
 from .softmax import exp_inplace
 
 C1 = math.sqrt(2.0 / math.pi)

@@ -32,8 +32,9 @@ import math
 import numba as nb
 import numpy as np
 
-from . import _jit
-from ._jit import array, inline_kernel, kernel, one_signature_kernel, split_rows
+from . import threads
+from ._jit import array, inline_kernel, kernel, one_signature_kernel
+from .threads import split_rows
 from .simd import (HAS_AVX512, prefetch, vadd, vbroadcast, vfma, vload, vstore, vzero, wadd, wbroadcast, wfma, wload,
                    wstore, wzero)
 
@@ -382,7 +383,7 @@ def matmul(x, weight: PackedWeight, out=None):
         return out
     panels = weight.panels
     p = panels.shape[0]
-    if m >= SPLIT_ROWS_FROM or p < 2 * _jit.NUM_THREADS:
+    if m >= SPLIT_ROWS_FROM or p < 2 * threads.NUM_THREADS:
         tiles = -(-m // MR)
         split_rows(lambda s, e: gemm_tiles(x, panels, out, s * MR, min(e * MR, m), 0, p), tiles, MR * k * n)
     else:

@@ -5,7 +5,8 @@ kernel is at least as accurate as PyTorch's float32 LayerNorm."""
 import numba as nb
 import numpy as np
 
-from ._jit import ahead_kernel, array, inline_kernel, split_rows
+from ._jit import ahead_kernel, array, inline_kernel
+from .threads import split_rows
 
 
 def layernorm_ref(x, weight, bias, eps, out=None):

@@ -39,7 +39,8 @@ import numba as nb
 import numpy as np
 
 from . import gemm
-from ._jit import ahead_kernel, array, inline_kernel, kernel, split_rows
+from ._jit import ahead_kernel, array, inline_kernel, kernel
+from .threads import split_rows
 from .simd import LANES, transpose8, vbroadcast, vfma, vload, vmul, vstore, vzero
 from .softmax import exp_inplace
 

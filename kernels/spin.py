@@ -1,4 +1,4 @@
-"""Busy-waiting on a counter another thread advances, for the thread hand-off of _jit.split_rows.
+"""Busy-waiting on a counter another thread advances, for the thread hand-off of threads.split_rows.
 
 A woken thread on these virtual machines takes 50-100 us to run again; a split kernel call paid that twice
 (measured 67-90 us per split call against 2.3 us unsplit, 73 split calls in a LITv2-S pass). Spinning for a

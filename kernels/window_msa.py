@@ -13,7 +13,8 @@ subtracted per query row."""
 import numba as nb
 import numpy as np
 
-from ._jit import ahead_kernel, array, split_rows
+from ._jit import ahead_kernel, array
+from .threads import split_rows
 from .gemm import NR, gemm_tiles
 from .softmax import padded_width, softmax_padded_rows
 

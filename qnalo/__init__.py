@@ -37,13 +37,13 @@ def list_models():
 def set_num_threads(n):
     """Kernel threads for this process (default: QNALO_NUM_THREADS, else every CPU it may use); call it before
     the first model is built."""
-    from .kernels import _jit
+    from .kernels import threads
     try:
-        _jit.set_num_threads(n)
+        threads.set_num_threads(n)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    if n > _jit.available_cpus():   # threads beyond the CPUs take turns, and every split waits for the last one
-        cpus = _jit.available_cpus()
+    if n > threads.available_cpus():   # threads beyond the CPUs take turns, and every split waits for the last one
+        cpus = threads.available_cpus()
         warnings.warn(f"qnalo: {n} kernel threads but only {cpus} CPUs this process may use; the extra threads "
                       f"take turns, which is slower than {cpus}", stacklevel=2)
 

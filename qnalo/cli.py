@@ -397,9 +397,9 @@ def _run_bench(args):
 
     import qnalo
     from qnalo import demo
-    from qnalo.kernels import _jit
+    from qnalo.kernels import threads
     from qnalo.models import MODEL_REGISTRY
-    from qnalo.models.common import warm_up
+    from qnalo.models.warmup import warm_up
 
     _set_threads(args)
     qnalo.check_dtype(args.device, args.dtype)
@@ -441,7 +441,7 @@ def _run_bench(args):
     times = [call() for _ in range(args.calls)]
     median = float(np.median(times))
     name = weights or f"{args.model or DEFAULT_BENCH_MODEL} (random weights)"
-    where = f"{_jit.NUM_THREADS} kernel thread(s)" if args.device == "cpu" else f"{args.device}, {args.dtype}"
+    where = f"{threads.NUM_THREADS} kernel thread(s)" if args.device == "cpu" else f"{args.device}, {args.dtype}"
     print(f"{name}: {size}x{size}, batch {args.batch}, {where}")
     if args.device == "cpu":
         print(f"kernels loaded in {kernels_s:.2f} s (from the cache; a machine's first run compiles them)")

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CheckpointError, InputError, key_mismatches
 from .kernels.qna import fold_queries, qna_output_size
-from .models.common import _move, engine_arrays
+from .models.parts import engine_arrays, move
 from .models.litv2 import DTM as _DTMPart, HiLoAttention
 from .models.ops import check_dtype, device_ops, get_ops
 from .models.qna_vit import QnAAttention, WindowMSA as _WindowMSAPart
@@ -107,7 +107,7 @@ class _Layer:
         if (device, dtype) == (self.device, self.dtype):
             return self
         ops = get_ops(self.backend) if device == "cpu" else device_ops(device, dtype)
-        _move(self._part, self._ops, ops, set())
+        move(self._part, self._ops, ops, set())
         self._extra_arrays = {k: ops.to_device(self._ops.to_host(v)) for k, v in self._extra_arrays.items()}
         self._ops, self.device, self.dtype = ops, device, dtype
         return self

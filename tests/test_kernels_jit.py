@@ -1,4 +1,4 @@
-"""kernels/_jit: row splitting across threads gives bit-identical results to one thread, runs every row once
+"""kernels/_jit, threads and pages: row splitting across threads gives bit-identical results to one thread, runs every row once
 however the shares are handed over, and survives errors and concurrent callers; the page release of LLVM; kernels
 declared with one signature compile it once, whatever the layouts and threads that call them."""
 import os
@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import pytest
 
-from qnalo.kernels import _jit, deform_conv, dwconv_gelu, gemm, hilo, layernorm, qna, softmax, window_msa
+from qnalo.kernels import _jit, deform_conv, pages, threads, dwconv_gelu, gemm, hilo, layernorm, qna, softmax, window_msa
 
 
 def _all_kernels(rng):
@@ -47,21 +47,21 @@ def _all_kernels(rng):
     }
 
 
-@pytest.mark.parametrize("threads", [2, 3, 5])
-def test_split_matches_single_thread(monkeypatch, threads):
+@pytest.mark.parametrize("n_threads", [2, 3, 5])
+def test_split_matches_single_thread(monkeypatch, n_threads):
     single = _all_kernels(np.random.default_rng(0))
-    monkeypatch.setattr(_jit, "NUM_THREADS", threads)
-    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(threads, "NUM_THREADS", n_threads)
+    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
     split = _all_kernels(np.random.default_rng(0))
     for name in single:
         np.testing.assert_array_equal(split[name], single[name], err_msg=name)
 
 
 def test_split_rows_covers_every_row_once(monkeypatch):
-    monkeypatch.setattr(_jit, "NUM_THREADS", 4)
-    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(threads, "NUM_THREADS", 4)
+    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
     seen = []
-    _jit.split_rows(lambda start, stop: seen.extend(range(start, stop)), 10, 1)
+    threads.split_rows(lambda start, stop: seen.extend(range(start, stop)), 10, 1)
     assert sorted(seen) == list(range(10))
 
 
@@ -84,11 +84,11 @@ def test_release_compiler_pages_drops_llvm_from_rss_and_kernels_still_run(monkey
     weight = gemm.PackedWeight(np.ones((24, 5), np.float32))
     numba.njit(lambda v: v + 1)(1.0)   # compiling reads LLVM's pages back in, wherever an earlier test left them
     before = _llvm_rss_kib()
-    assert _jit.release_compiler_pages() > 0
+    assert pages.release_compiler_pages() > 0
     assert _llvm_rss_kib() < before / 2
     np.testing.assert_allclose(gemm.matmul(x, weight), x @ np.ones((24, 5), np.float32), rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("QNALO_KEEP_COMPILER_PAGES", "1")
-    assert _jit.release_compiler_pages() == 0
+    assert pages.release_compiler_pages() == 0
 
 
 def _record_shares(log, slow_caller):
@@ -104,23 +104,23 @@ def _record_shares(log, slow_caller):
 @pytest.mark.parametrize("slow_caller", [False, True], ids=["short-shares", "slow-caller"])
 def test_every_row_runs_once_whether_workers_claim_or_the_caller_takes_back(monkeypatch, contended,
                                                                             slow_caller):
-    monkeypatch.setattr(_jit, "NUM_THREADS", 3)
-    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(threads, "NUM_THREADS", 3)
+    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
     if contended:   # more runnable threads than qnalo's: nobody spins, workers sleep and are woken
-        monkeypatch.setattr(_jit, "_runnable_threads", lambda: 99)
-        monkeypatch.setattr(_jit, "CONTENTION_CHECK_S", 0.0)
+        monkeypatch.setattr(threads, "_runnable_threads", lambda: 99)
+        monkeypatch.setattr(threads, "CONTENTION_CHECK_S", 0.0)
     log = []
     for _ in range(40):
         log.clear()
-        _jit.split_rows(_record_shares(log, slow_caller), 9, 1)
+        threads.split_rows(_record_shares(log, slow_caller), 9, 1)
         assert sorted((a, b) for _, a, b in log) == [(0, 3), (3, 6), (6, 9)]
     if slow_caller:
         assert any(name.startswith("qnalo-") for name, _, _ in log)
 
 
 def test_a_share_that_raises_raises_in_the_caller_and_the_workers_go_on(monkeypatch):
-    monkeypatch.setattr(_jit, "NUM_THREADS", 2)
-    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(threads, "NUM_THREADS", 2)
+    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
 
     def share(start, stop):   # whichever thread runs rows 2-4 (a worker, or the caller taking them back)
         if start == 2:
@@ -128,11 +128,11 @@ def test_a_share_that_raises_raises_in_the_caller_and_the_workers_go_on(monkeypa
 
     for caller_share_sleeps in (0.0, 0.005):
         with pytest.raises(ZeroDivisionError, match="rows 2-4"):
-            _jit.split_rows(lambda a, b: time.sleep(caller_share_sleeps) if a == 0 else share(a, b), 4, 1)
+            threads.split_rows(lambda a, b: time.sleep(caller_share_sleeps) if a == 0 else share(a, b), 4, 1)
     with pytest.raises(KeyError):   # the caller's own share raising, while a worker's share runs
-        _jit.split_rows(lambda a, b: (_ for _ in ()).throw(KeyError(a)) if a == 0 else time.sleep(0.002), 4, 1)
+        threads.split_rows(lambda a, b: (_ for _ in ()).throw(KeyError(a)) if a == 0 else time.sleep(0.002), 4, 1)
     seen = []
-    _jit.split_rows(lambda a, b: seen.append((a, b)), 4, 1)
+    threads.split_rows(lambda a, b: seen.append((a, b)), 4, 1)
     assert sorted(seen) == [(0, 2), (2, 4)]
 
 
@@ -142,8 +142,8 @@ def test_a_worker_keeps_no_share_alive_once_the_split_returns(monkeypatch):
     pass's peak memory depend on which thread ran a share."""
     import gc
     import weakref
-    monkeypatch.setattr(_jit, "NUM_THREADS", 2)
-    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(threads, "NUM_THREADS", 2)
+    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
     ran_on = []
 
     def share(array, start, stop):
@@ -155,7 +155,7 @@ def test_a_worker_keeps_no_share_alive_once_the_split_returns(monkeypatch):
         ran_on.clear()
         array = np.ones(1000)
         alive = weakref.ref(array)
-        _jit.split_rows(share, 4, 1, array)
+        threads.split_rows(share, 4, 1, array)
         del array
         gc.collect()
         if any(name.startswith("qnalo-") for name in ran_on):
@@ -165,8 +165,8 @@ def test_a_worker_keeps_no_share_alive_once_the_split_returns(monkeypatch):
 
 
 def test_threads_sharing_the_workers_get_the_single_thread_result(monkeypatch):
-    monkeypatch.setattr(_jit, "NUM_THREADS", 2)
-    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(threads, "NUM_THREADS", 2)
+    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((300, 40)).astype(np.float32)
     weight = gemm.PackedWeight(rng.standard_normal((40, 50)).astype(np.float32))
@@ -178,10 +178,10 @@ def test_threads_sharing_the_workers_get_the_single_thread_result(monkeypatch):
             if not np.array_equal(gemm.matmul(x, weight), expect):
                 failures.append(threading.current_thread().name)
 
-    threads = [threading.Thread(target=caller) for _ in range(8)]
-    for t in threads:
+    callers = [threading.Thread(target=caller) for _ in range(8)]
+    for t in callers:
         t.start()
-    for t in threads:
+    for t in callers:
         t.join()
     assert failures == []
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, strategies as st
 
-from qnalo.kernels import _jit, qna
+from qnalo.kernels import qna, threads
 from tolerances import assert_close
 
 cases = dict(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), h=st.integers(1, 11), w=st.integers(1, 11),
@@ -161,12 +161,12 @@ def test_empty_batch():
     assert qna.qna_attention(**args).shape == (0, 3, 3, 4)
 
 
-@pytest.mark.parametrize("threads", [2, 3, 5])
-def test_split_matches_single_thread(monkeypatch, threads):
+@pytest.mark.parametrize("n_threads", [2, 3, 5])
+def test_split_matches_single_thread(monkeypatch, n_threads):
     args = layer_args(7, 2, 13, 9, 8, 2, 4, 2, 5, 1, 1.0)
     single = qna.qna_attention(**args)
-    monkeypatch.setattr(_jit, "NUM_THREADS", threads)
-    monkeypatch.setattr(_jit, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(threads, "NUM_THREADS", n_threads)
+    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
     np.testing.assert_array_equal(qna.qna_attention(**args), single)
 
 
@@ -194,7 +194,7 @@ def test_factored_path_holds_up_to_its_range_limit(seed, spread, stride, k, h, w
 
 def test_wide_logit_ranges_take_the_per_window_max_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr(qna, "split_rows", lambda fn, *a: (calls.append(fn.__name__), _jit.split_rows(fn, *a)))
+    monkeypatch.setattr(qna, "split_rows", lambda fn, *a: (calls.append(fn.__name__), threads.split_rows(fn, *a)))
     args = layer_args(9, 1, 6, 6, 4, 2, 2, 2, 3, 1, 1.0)
     lv = (args["x"].reshape(-1, 4) @ args["w_in"]).reshape(1, 6, 6, -1)
     for shift, kernel_name in ((0.0, "_qna_factored_rows"), (100.0, "_qna_rows")):

@@ -1,4 +1,4 @@
-"""qnalo/models/common.py: the warm-up that loads a model's kernels before its weights (on a machine's first run,
+"""qnalo/models/warmup.py and classifier.py: the warm-up that loads a model's kernels before its weights (on a machine's first run,
 compiling them in parallel processes: kernels/_precompile.py), and read-only tensors."""
 import json
 import os
@@ -71,7 +71,7 @@ def test_a_loaded_file_warms_up_the_same_kernels(tmp_path):
 DECLARED_PROBE = PROBE[:PROBE.index("warnings.simplefilter")] + r"""
 from qnalo import demo
 from qnalo.kernels import _precompile
-from qnalo.models import common
+from qnalo.models import warmup
 warnings.simplefilter("ignore")
 for unit in _precompile.UNITS:
     for name in unit:
@@ -79,7 +79,7 @@ for unit in _precompile.UNITS:
         kernel.compile(kernel.ahead_types)
 before = overloads()
 for cls, _, cfg in qnalo.MODEL_REGISTRY.values():
-    common.warm_up(cls, cfg)
+    warmup.warm_up(cls, cfg)
 for name in demo.DEMO_MODELS:
     qnalo.load(demo.demo_path(name))
 """ + PROBE[PROBE.index("after = overloads()"):]

@@ -265,4 +265,4 @@ def test_an_input_too_large_is_refused_with_its_estimate(monkeypatch):
     with pytest.raises(qnalo.InputError, match="would need about"):
         model.forward_features(huge)
     monkeypatch.delenv("QNALO_MEMORY_LIMIT")
-    assert qnalo.models.common.available_memory() > 2**20   # the machine's own figure is read
+    assert qnalo.models.inputs.available_memory() > 2**20   # the machine's own figure is read

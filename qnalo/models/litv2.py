@@ -9,8 +9,10 @@ zero-padded to a multiple of 4, HiLo pads each map to a multiple of its window, 
 import numpy as np
 
 from ..weights import release_pages
-from .common import (Classifier, Linear, Norm, check_image_batch, check_tensor_shapes, draw_tensors, head_shapes,
-                     read_only)
+from .classifier import Classifier
+from .inputs import check_image_batch
+from .parts import Linear, Norm, read_only
+from .tensors import check_tensor_shapes, draw_tensors, head_shapes
 from .litv2_config import LITv2Config
 
 LN_EPS = 1e-5

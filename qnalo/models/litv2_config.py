@@ -3,7 +3,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .common import ConfigDict
+from .tensors import ConfigDict
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class LITv2Config(ConfigDict):
 
     def miniature(self):
         """A config that runs the same kernels on the same kinds of arrays at a fraction of the cost (see
-        common.warm_up): up to two blocks per stage (one block feeding another fuses differently from the
+        warmup.warm_up): up to two blocks per stage (one block feeding another fuses differently from the
         last), the same heads, head split, windows, resolution and head, and the narrowest width the heads
         divide."""
         narrow = next(e for e in range(1, self.embed_dim + 1)

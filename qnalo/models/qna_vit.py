@@ -15,8 +15,10 @@ from ..errors import InputError
 from ..kernels.qna import fold_queries, qna_output_size
 from ..kernels.window_msa import relative_bias
 from ..weights import release_pages
-from .common import (Classifier, Linear, Norm, check_image_batch, check_tensor_shapes, draw_tensors, head_shapes,
-                     read_only)
+from .classifier import Classifier
+from .inputs import check_image_batch
+from .parts import Linear, Norm, read_only
+from .tensors import check_tensor_shapes, draw_tensors, head_shapes
 from .qna_vit_config import QnAViTConfig
 
 LN_EPS = 1e-6   # Flax nn.LayerNorm's default (official: fast variance E[x^2] - E[x]^2; here two-pass, ~1e-7 apart)

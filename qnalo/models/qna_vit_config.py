@@ -3,7 +3,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .common import ConfigDict
+from .tensors import ConfigDict
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class QnAViTConfig(ConfigDict):
 
     def miniature(self):
         """A config that runs the same kernels on the same kinds of arrays at a fraction of the cost (see
-        common.warm_up): up to two blocks of each kind per stage, the same heads, windows, queries, resolution
+        warmup.warm_up): up to two blocks of each kind per stage, the same heads, windows, queries, resolution
         and head, and the narrowest width the heads divide."""
         def fits(e):
             return all(e * 2 ** i % h == 0 for i in range(4)
