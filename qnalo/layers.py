@@ -23,9 +23,10 @@ import numpy as np
 from .errors import CheckpointError, InputError, key_mismatches
 from .kernels.qna import fold_queries, qna_output_size
 from .models.parts import engine_arrays, move
-from .models.litv2 import DTM as _DTMPart, HiLoAttention
+from .models.litv2 import DTM as _DTMPart, OFFICIAL_KINDS, HiLoAttention, official_kind
 from .models.ops import check_dtype, device_ops, get_ops
-from .models.qna_vit import QnAAttention, WindowMSA as _WindowMSAPart
+from .models.qna_vit import (FLAX_SHAPE, FROM_FLAX, FROM_TORCH, QNA_LEAVES, TORCH_SHAPE, QnAAttention,
+                              WindowMSA as _WindowMSAPart)
 
 __all__ = ["HiLo", "QnA", "WindowMSA", "DTM", "hilo_heads"]
 
@@ -74,6 +75,16 @@ def _unwrap_flax(params):
     if hasattr(params, "keys") and set(params.keys()) == {"params"}:   # a variables dict: {"params": {...}}
         return params["params"]
     return params
+
+
+def _litv2_layout(model_key, array):
+    """An official LITv2 tensor in the engine's layout, by the kind its key has in the model's key table."""
+    return OFFICIAL_KINDS[official_kind(model_key)][1](array)
+
+
+# QnA-ViT's QnA leaves (the model's key table) relative to the layer: Flax leaf, engine name, layout kind
+_QNA_LAYER_LEAVES = tuple((leaf.removeprefix("FusedKQnA_0/"), engine.removeprefix("attn."), kind)
+                          for leaf, engine, kind in QNA_LEAVES)
 
 
 def _input_array(x, xp):
@@ -193,9 +204,9 @@ class HiLo(_Layer):
                          f"alpha={alpha}, qkv_bias={qkv_bias}) state dict", hint)
         tensors = {}
         for name in ("l_q", "l_kv", "l_proj", "h_qkv", "h_proj"):
-            if name + ".weight" in official:
+            if name + ".weight" in official:   # the model's key table: attn.<name>.weight is a Linear
                 w = official[name + ".weight"]
-                tensors[name + ".weight"] = np.ascontiguousarray(w.T)
+                tensors[name + ".weight"] = np.ascontiguousarray(_litv2_layout("attn." + name + ".weight", w))
                 tensors[name + ".bias"] = official.get(name + ".bias", np.zeros(w.shape[0], np.float32))
         return cls(tensors, dim, num_heads, window_size, alpha,
                    num_parameters=sum(v.size for v in official.values()), **options)
@@ -237,17 +248,22 @@ class HiLo(_Layer):
 
 # -- QnA -----------------------------------------------------------------------------------------------------
 
+def _qna_engine_shapes(c_in, f, f_out, heads, k, nq):
+    return {"proj_k.weight": (c_in, f), "proj_v.weight": (c_in, f), "proj_out.weight": (f, f_out), "q_param": (nq, f),
+            "attn_scale": (k * k, nq * heads), "rpb_table": (k * k, nq * heads)}
+
+
 def _qna_flax_shapes(c_in, f, f_out, heads, k, nq, biases):
-    shapes = {"Wk": (c_in, f), "query": (nq, f), "rpe_bias": (k * k, nq * heads),
-              "attn_scale_weights": (1, 1, k * k, nq * heads), "to_v/kernel": (c_in, f), "to_out/kernel": (f, f_out)}
+    engine = _qna_engine_shapes(c_in, f, f_out, heads, k, nq)
+    shapes = {leaf: FLAX_SHAPE[kind](engine[name]) for leaf, name, kind in _QNA_LAYER_LEAVES}
     if biases:
         shapes.update({"Wk_b": (heads, f // heads), "to_v/bias": (f,), "to_out/bias": (f_out,)})
     return shapes
 
 
 def _qna_torch_shapes(c_in, f, f_out, heads, k, nq):
-    return {"proj_k.weight": (f, c_in), "proj_v.weight": (f, c_in), "proj_out.weight": (f_out, f, 1, 1),
-            "q_param": (nq, f), "attn_scale": (1, 1, k * k, nq * heads), "rpb_table": (k * k, nq * heads)}
+    engine = _qna_engine_shapes(c_in, f, f_out, heads, k, nq)
+    return {name: TORCH_SHAPE[kind](engine[name]) for _, name, kind in _QNA_LAYER_LEAVES}
 
 
 class QnA(_Layer):
@@ -324,8 +340,7 @@ class QnA(_Layer):
         biases = any(k in flat for k in ("Wk_b", "to_v/bias", "to_out/bias"))
         p = _take(flat, _qna_flax_shapes(c_in, f, f_out, num_heads, window_size, n_queries, biases), what,
                   " (a module with use_bias=True has all of Wk_b, to_v/bias and to_out/bias)" if biases else "")
-        tensors = {"proj_k.weight": p["Wk"], "proj_v.weight": p["to_v/kernel"], "proj_out.weight": p["to_out/kernel"],
-                   "q_param": p["query"], "rpb_table": p["rpe_bias"], "attn_scale": p["attn_scale_weights"][0, 0]}
+        tensors = {engine: FROM_FLAX[kind](p[leaf]) for leaf, engine, kind in _QNA_LAYER_LEAVES}
         return cls(tensors, num_heads, stride, num_parameters=sum(v.size for v in p.values()),
                    biases=(p["Wk_b"], p["to_v/bias"], p["to_out/bias"]) if biases else None, **options)
 
@@ -344,10 +359,7 @@ class QnA(_Layer):
                           window_size, stride, n_queries, what)
         f_out = np.shape(state_dict["proj_out.weight"])[0]
         p = _take(state_dict, _qna_torch_shapes(c_in, f, f_out, num_heads, window_size, n_queries), what)
-        tensors = {"proj_k.weight": np.ascontiguousarray(p["proj_k.weight"].T),
-                   "proj_v.weight": np.ascontiguousarray(p["proj_v.weight"].T),
-                   "proj_out.weight": np.ascontiguousarray(p["proj_out.weight"][:, :, 0, 0].T),
-                   "q_param": p["q_param"], "rpb_table": p["rpb_table"], "attn_scale": p["attn_scale"][0, 0]}
+        tensors = {engine: FROM_TORCH[kind](p[engine]) for _, engine, kind in _QNA_LAYER_LEAVES}
         return cls(tensors, num_heads, stride, **options)
 
     @staticmethod
@@ -530,9 +542,7 @@ class DTM(_Layer):
         (num_batches_tracked is ignored)."""
         sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
         p = _take(sd, cls._official_shapes(dim), f"DTM(dim={dim}) state dict")
-        tensors = dict(p)
-        for name in ("dconv.weight", "dconv.conv_offset.weight"):   # (out, C, 2, 2) -> (4C, out), row (ky*2+kx)*C + c
-            tensors[name] = np.ascontiguousarray(p[name].transpose(2, 3, 1, 0).reshape(-1, p[name].shape[0]))
+        tensors = {name: np.ascontiguousarray(_litv2_layout("layers.0.downsample." + name, a)) for name, a in p.items()}
         return cls(tensors, dim, num_parameters=sum(v.size for k, v in p.items()
                                                     if not k.endswith(("running_mean", "running_var"))), **options)
 

@@ -15,10 +15,11 @@ import pytest
 import qnalo
 from qnalo.cli import main
 from qnalo.errors import CheckpointError
+from qnalo.models.qna_vit import official_flax_shapes as flax_shapes
 from qnalo.models.qna_vit_config import QNA_VIT_VARIANTS, QnAViTConfig
 from qnalo.weights import read_weights
 from qnalo.weights_converter.convert import convert
-from qnalo.weights_converter.qna_vit import convert_qna_vit_flax, flax_shapes
+from qnalo.weights_converter.qna_vit import convert_qna_vit_flax
 from model_helpers import image, torch_run
 from tolerances import assert_logits_close
 

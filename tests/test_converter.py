@@ -12,11 +12,11 @@ import pytest
 import qnalo
 from qnalo.cli import main
 from qnalo.errors import CheckpointError, UnsafeCheckpointError
+from qnalo.models.litv2 import official_shapes
 from qnalo.models.litv2_config import LITV2_VARIANTS, LITv2Config
 from qnalo.weights import read_weights
 from qnalo.weights_converter.convert import convert
-from qnalo.weights_converter.litv2 import (infer_litv2_config, litv2_engine_tensors, litv2_official_shapes,
-                                           litv2_variant)
+from qnalo.weights_converter.litv2 import infer_litv2_config, litv2_engine_tensors, litv2_variant
 from tolerances import assert_logits_close
 from fake_modules import install_fake_yacs
 
@@ -213,7 +213,7 @@ def test_window_sizes_are_checked_against_the_shapes(window_sizes, message):
 @pytest.mark.parametrize("name", sorted(LITV2_VARIANTS))
 def test_full_size_variants_are_recognised(name):
     variant = LITV2_VARIANTS[name]
-    shapes = litv2_official_shapes(variant)
+    shapes = official_shapes(variant)
     assert len(shapes) + 3 == (219 if name == "litv2_s" else 459)  # spec 4.2, with the 3 counters
     params = sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith(("running_mean", "running_var")))
     assert params == {"litv2_s": 27_844_000, "litv2_m": 48_830_368}.get(name, 86_520_704)
@@ -227,7 +227,7 @@ def test_full_size_variants_are_recognised(name):
 
 
 def test_layout_of_the_spec_appendix_for_litv2_s():
-    shapes = litv2_official_shapes(LITV2_VARIANTS["litv2_s"])
+    shapes = official_shapes(LITV2_VARIANTS["litv2_s"])
     assert shapes["layers.2.blocks.0.attn.l_q.weight"] == (320, 384)
     assert shapes["layers.2.blocks.0.attn.h_qkv.weight"] == (192, 384)
     assert shapes["layers.2.blocks.0.attn.h_proj.weight"] == (64, 64)

@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from qnalo.errors import CheckpointError, key_mismatches, missing_signature, name_list
+from qnalo.models.litv2 import OFFICIAL_KINDS, official_kind, official_shapes
 from qnalo.models.litv2_config import LITV2_VARIANTS, LITv2Config
 
 HEAD_DIM = 32
@@ -24,8 +25,6 @@ RELEASED_ALPHAS = (0.9, 0.0, 0.2, 0.4, 0.5, 0.7, 1.0)
 # Keys a LITv2 state dict has whatever its size; their absence means "not a LITv2 checkpoint".
 SIGNATURE_KEYS = ("patch_embed.proj.weight", "layers.0.blocks.0.mlp.dwconv.dwconv.weight",
                   "layers.0.downsample.dconv.conv_offset.weight")
-_LINEAR_WEIGHTS = tuple(f".{module}.weight" for module in (
-    "mlp.fc1", "mlp.fc2", "attn.l_q", "attn.l_kv", "attn.l_proj", "attn.h_qkv", "attn.h_proj"))
 _BLOCK_KEY = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 
 
@@ -91,7 +90,7 @@ def litv2_engine_tensors(state_dict, config):
 
     The keys must be exactly those of `config` (num_batches_tracked counters aside, which are dropped); a
     missing, unexpected or mis-shaped key raises CheckpointError naming it."""
-    layout = litv2_official_shapes(config)
+    layout = official_shapes(config)
     present = {key: tuple(np.shape(value)) for key, value in state_dict.items() if not is_training_counter(key)}
     problems = key_mismatches(present, layout)
     if problems:
@@ -101,64 +100,9 @@ def litv2_engine_tensors(state_dict, config):
         value = np.asarray(state_dict[key])
         if value.dtype.kind != "f":
             raise CheckpointError(f"{key} is {value.dtype}, expected a floating-point tensor")
-        tensors[key] = np.ascontiguousarray(_to_engine_layout(key, value.astype(np.float32, copy=False)))
+        kind = OFFICIAL_KINDS[official_kind(key)]
+        tensors[key] = np.ascontiguousarray(kind[1](value.astype(np.float32, copy=False)))
     return tensors
-
-
-def litv2_official_shapes(config):
-    """Every official state-dict key of `config` (no num_batches_tracked) -> its shape."""
-    c = config
-    shapes = {"patch_embed.proj.weight": (c.embed_dim, 3, 4, 4), "patch_embed.proj.bias": (c.embed_dim,),
-              "patch_embed.norm.weight": (c.embed_dim,), "patch_embed.norm.bias": (c.embed_dim,)}
-
-    def linear(name, n_in, n_out):
-        shapes[f"{name}.weight"] = (n_out, n_in)
-        shapes[f"{name}.bias"] = (n_out,)
-
-    for i in range(4):
-        dim, hidden, hd = c.stage_dim(i), c.stage_dim(i) * c.mlp_ratio, c.head_dim(i)
-        for b in range(c.depths[i]):
-            block = f"layers.{i}.blocks.{b}"
-            norms = ("norm1", "norm2") if c.window_sizes[i] else ("norm2",)  # ConvFFN blocks: norm2 only
-            for norm in norms:
-                shapes.update({f"{block}.{norm}.weight": (dim,), f"{block}.{norm}.bias": (dim,)})
-            lo_dim, hi_dim = c.lo_heads[i] * hd, c.hi_heads(i) * hd
-            if lo_dim:
-                linear(f"{block}.attn.l_q", dim, lo_dim)
-                linear(f"{block}.attn.l_kv", dim, 2 * lo_dim)
-                linear(f"{block}.attn.l_proj", lo_dim, lo_dim)
-            if hi_dim:
-                linear(f"{block}.attn.h_qkv", dim, 3 * hi_dim)
-                linear(f"{block}.attn.h_proj", hi_dim, hi_dim)
-            linear(f"{block}.mlp.fc1", dim, hidden)
-            shapes[f"{block}.mlp.dwconv.dwconv.weight"] = (hidden, 1, 3, 3)
-            shapes[f"{block}.mlp.dwconv.dwconv.bias"] = (hidden,)
-            linear(f"{block}.mlp.fc2", hidden, dim)
-        if i < 3:
-            dtm = f"layers.{i}.downsample"
-            shapes.update({
-                f"{dtm}.dconv.weight": (2 * dim, dim, 2, 2), f"{dtm}.dconv.bias": (2 * dim,),
-                f"{dtm}.dconv.conv_offset.weight": (8, dim, 2, 2), f"{dtm}.dconv.conv_offset.bias": (8,)})
-            for stat in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"{dtm}.norm_layer.{stat}"] = (2 * dim,)
-    for i in c.out_norms:
-        shapes.update({f"norm{i}.weight": (c.stage_dim(i),), f"norm{i}.bias": (c.stage_dim(i),)})
-    if c.num_classes:
-        shapes.update({"norm.weight": (c.num_features,), "norm.bias": (c.num_features,)})
-        linear("head", c.num_features, c.num_classes)
-    return shapes
-
-
-def _to_engine_layout(key, value):
-    if key == "patch_embed.proj.weight":  # (E, 3, 4, 4) -> (48, E), row = c*16 + ky*4 + kx
-        return value.reshape(value.shape[0], -1).T
-    if key.endswith("dwconv.dwconv.weight"):  # (4C, 1, 3, 3) -> (3, 3, 4C)
-        return value[:, 0].transpose(1, 2, 0)
-    if key.endswith(("dconv.weight", "conv_offset.weight")):  # (out, C, 2, 2) -> (4C, out), row = (ky*2+kx)*C + c
-        return value.transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
-    if key == "head.weight" or key.endswith(_LINEAR_WEIGHTS):
-        return value.T  # Linear (out, in) -> (in, out)
-    return value
 
 
 def _depths(state_dict):

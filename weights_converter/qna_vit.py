@@ -1,6 +1,6 @@
 """QnA-ViT weights -> qnalo engine tensors and a QnAViTConfig inferred from the shapes.
 
-Two sources, one table (`qna_vit_layout`):
+Two sources, one table (qnalo.models.qna_vit.official_layout, beside the model):
   * the official Flax parameter tree (moabarar/qna; spec qna.md section 4), flattened to 'A/B/C' paths by
     flax_reader.flax_params: Dense kernels are (in, out), Conv kernels HWIO, LayerNorm `scale` / `bias`;
   * the project's PyTorch layout (spec 6.4; tests/reference/qna_vit_torch.py documents it): Linear (out, in),
@@ -18,7 +18,8 @@ import math
 import numpy as np
 
 from qnalo.errors import CheckpointError, key_mismatches, missing_signature
-from qnalo.models.qna_vit import engine_tensor_shapes
+from qnalo.models.qna_vit import (FROM_FLAX, FROM_TORCH, official_flax_shapes, official_layout,
+                                  official_torch_shapes)
 from qnalo.models.qna_vit_config import QNA_VIT_VARIANTS, QnAViTConfig
 
 # Leaves whose presence tells a QnA-ViT source; their absence means "not this family".
@@ -26,77 +27,6 @@ FLAX_SIGNATURE = ("StemBlock_0/conv_1x1/kernel",)
 TORCH_SIGNATURE = ("stem.weight", "stages.0.downsample.skip.weight")
 QUERY_SEMANTICS = "raw"   # q_param / query: the official unnormalised query (the engine normalises it)
 _MSA_HEAD_DIM, _MSA_WINDOW = 32, 7
-
-# Leaf kinds: how an engine tensor is stored in each source (engine shape -> source shape; source -> engine).
-#   dense   Flax Dense kernel (in, out) = engine; torch Linear (out, in)
-#   conv1x1 Flax (1, 1, in, out); torch (out, in, 1, 1); engine (in, out)
-#   out1x1  the QnA output projection: a Flax Dense kernel (in, out), a torch 1x1 conv (out, in, 1, 1) (DAT port)
-#   stem    Flax HWIO (4, 4, 3, E); torch OIHW (E, 3, 4, 4); engine (48, E), row c*16 + ky*4 + kx
-#   scale   attn_scale: (1, 1, k^2, nc) in both sources; engine (k^2, nc)
-#   plain   the same everywhere (LayerNorm, biases, queries, rpe tables)
-_FLAX_SHAPE = {"dense": lambda s: s, "out1x1": lambda s: s, "conv1x1": lambda s: (1, 1) + s,
-               "stem": lambda s: (4, 4, 3, s[1]), "scale": lambda s: (1, 1) + s, "plain": lambda s: s}
-_TORCH_SHAPE = {"dense": lambda s: s[::-1], "conv1x1": lambda s: s[::-1] + (1, 1),
-                "out1x1": lambda s: s[::-1] + (1, 1), "stem": lambda s: (s[1], 3, 4, 4),
-                "scale": lambda s: (1, 1) + s, "plain": lambda s: s}
-_FROM_FLAX = {"dense": lambda a: a, "out1x1": lambda a: a, "conv1x1": lambda a: a[0, 0],
-              "scale": lambda a: a[0, 0], "plain": lambda a: a,
-              "stem": lambda a: a.transpose(2, 0, 1, 3).reshape(48, a.shape[3])}   # HWIO -> row c*16 + ky*4 + kx
-_FROM_TORCH = {"dense": lambda a: a.T, "conv1x1": lambda a: a[:, :, 0, 0].T, "out1x1": lambda a: a[:, :, 0, 0].T,
-               "scale": lambda a: a[0, 0], "plain": lambda a: a,
-               "stem": lambda a: a.reshape(a.shape[0], 48).T}                     # OIHW -> row c*16 + ky*4 + kx
-
-_LN = (("LayerNorm_0/scale", "norm1.weight"), ("LayerNorm_0/bias", "norm1.bias"),
-       ("LayerNorm_1/scale", "norm2.weight"), ("LayerNorm_1/bias", "norm2.bias"))
-_MLP = (("MlpBlock_0/Dense_0/kernel", "mlp.fc1.weight", "dense"), ("MlpBlock_0/Dense_0/bias", "mlp.fc1.bias", "plain"),
-        ("MlpBlock_0/Dense_1/kernel", "mlp.fc2.weight", "dense"), ("MlpBlock_0/Dense_1/bias", "mlp.fc2.bias", "plain"))
-_MSA = (("MultiHeadSelfAttention_0/to_qkv/kernel", "attn.qkv.weight", "dense"),
-        ("MultiHeadSelfAttention_0/to_out/kernel", "attn.proj.weight", "dense"),
-        ("MultiHeadSelfAttention_0/RelativePositionalEmbedding_0/rpe_bias", "attn.rpb_table", "plain"))
-_QNA = (("FusedKQnA_0/Wk", "attn.proj_k.weight", "dense"), ("FusedKQnA_0/to_v/kernel", "attn.proj_v.weight", "dense"),
-        ("FusedKQnA_0/to_out/kernel", "attn.proj_out.weight", "out1x1"), ("FusedKQnA_0/query", "attn.q_param", "plain"),
-        ("FusedKQnA_0/attn_scale_weights", "attn.attn_scale", "scale"),
-        ("FusedKQnA_0/rpe_bias", "attn.rpb_table", "plain"))
-
-
-def _flax_blocks(cfg):
-    """(Flax block path, engine prefix, kind) of every block, kind 'msa', 'qna' or 'down'."""
-    for i in range(4):
-        for j in range(cfg.msa_depths[i]):
-            yield f"LSAStage_{i}/MSA_Block_{j + 1}", f"stages.{i}.msa.{j}.", "msa"
-        for j in range(cfg.qna_depths[i]):
-            yield f"QnAStage_{i}/QnA_Block_{j + 1}", f"stages.{i}.qna.{j}.", "qna"
-        if i < 3:
-            yield f"QnAStage_{i}/QnA_Block_{cfg.qna_depths[i] + 1}_stride_2", f"stages.{i}.downsample.", "down"
-
-
-def qna_vit_layout(cfg):
-    """[(Flax path, engine name, kind)] for every tensor of `cfg`; the PyTorch-layout name is the engine name."""
-    rows = [("StemBlock_0/conv_1x1/kernel", "stem.weight", "stem")]
-    for flax, engine, kind in _flax_blocks(cfg):
-        leaves = [(f, e, "plain") for f, e in _LN] + list(_MLP) + list(_MSA if kind == "msa" else _QNA)
-        if kind == "down":
-            leaves.append(("Conv_0/kernel", "skip.weight", "conv1x1"))
-        rows += [(f"{flax}/{f}", engine + e, k) for f, e, k in leaves]
-    if cfg.num_classes:
-        rows += [("ClassificationHead_0/LayerNorm_0/scale", "norm.weight", "plain"),
-                 ("ClassificationHead_0/LayerNorm_0/bias", "norm.bias", "plain"),
-                 ("ClassificationHead_0/head_logits/kernel", "head.weight", "dense"),
-                 ("ClassificationHead_0/head_logits/bias", "head.bias", "plain")]
-    return rows
-
-
-def flax_shapes(cfg):
-    """Flax path -> shape of every parameter leaf of `cfg` (spec 4.2)."""
-    engine = engine_tensor_shapes(cfg)
-    return {f: tuple(_FLAX_SHAPE[k](engine[e])) for f, e, k in qna_vit_layout(cfg)}
-
-
-def torch_shapes(cfg):
-    """PyTorch-layout name -> shape of every tensor of `cfg` (spec 6.4)."""
-    engine = engine_tensor_shapes(cfg)
-    return {e: tuple(_TORCH_SHAPE[k](engine[e])) for _, e, k in qna_vit_layout(cfg)}
-
 
 # -- family detection -----------------------------------------------------------------------------------------
 
@@ -128,15 +58,16 @@ def _convert(source, reason, hints, flax, img_size, window_sizes):
     if reason:
         raise CheckpointError(reason)
     config = _infer_config(hints(source), img_size)
-    expected, what = (flax_shapes, "the Flax parameter tree") if flax else (torch_shapes, "the state dict")
+    expected, what = (official_flax_shapes, "the Flax parameter tree") if flax else (official_torch_shapes,
+                                                                                    "the state dict")
     present = {key: tuple(np.shape(value)) for key, value in source.items()}
     problems = key_mismatches(present, expected(config))
     if problems:
         raise CheckpointError(f"{what} does not match the QnA-ViT configuration its shapes imply: "
                               f"{'; '.join(problems)}")
-    transforms = _FROM_FLAX if flax else _FROM_TORCH
+    transforms = FROM_FLAX if flax else FROM_TORCH
     tensors = {}
-    for flax_path, name, kind in qna_vit_layout(config):
+    for flax_path, name, kind in official_layout(config):
         key = flax_path if flax else name
         value = np.asarray(source[key])
         if value.dtype.kind != "f":

@@ -58,6 +58,45 @@ def engine_tensor_shapes(cfg: LITv2Config):
     return shapes
 
 
+# -- official state dict -> engine tensors ------------------------------------------------------------------------
+# The one key table of the family (the converter and qnalo.layers use it): the engine keeps the official key
+# names and changes the layouts, by kind: (official shape from the engine shape, engine array from the official).
+OFFICIAL_KINDS = {
+    "plain": (lambda s: s, lambda a: a),
+    "linear": (lambda s: s[::-1], lambda a: a.T),                                   # Linear (out, in) -> (in, out)
+    "patch": (lambda s: (s[1], 3, 4, 4), lambda a: a.reshape(a.shape[0], -1).T),    # (E, 3, 4, 4) -> (48, E)
+    "dwconv": (lambda s: (s[2], 1, 3, 3), lambda a: a[:, 0].transpose(1, 2, 0)),    # (4C, 1, 3, 3) -> (3, 3, 4C)
+    # (out, C, 2, 2) -> (4C, out), row (ky*2 + kx)*C + c: dconv and its offset conv
+    "conv2x2": (lambda s: (s[1], s[0] // 4, 2, 2), lambda a: a.transpose(2, 3, 1, 0).reshape(-1, a.shape[0])),
+}
+_LINEAR_MODULES = ("mlp.fc1", "mlp.fc2", "attn.l_q", "attn.l_kv", "attn.l_proj", "attn.h_qkv", "attn.h_proj", "head")
+
+
+def official_kind(key):
+    """The OFFICIAL_KINDS entry of an official (= engine) LITv2 key."""
+    if key == "patch_embed.proj.weight":
+        return "patch"
+    if key.endswith("dwconv.dwconv.weight"):
+        return "dwconv"
+    if key.endswith(("dconv.weight", "dconv.conv_offset.weight")):
+        return "conv2x2"
+    if any(key == m + ".weight" or key.endswith("." + m + ".weight") for m in _LINEAR_MODULES):
+        return "linear"
+    return "plain"
+
+
+def official_layout(cfg: LITv2Config):
+    """[(official key, engine key, kind)] of every tensor of cfg (the keys are the same; num_batches_tracked, a
+    training counter, is not among them)."""
+    return [(key, key, official_kind(key)) for key in engine_tensor_shapes(cfg)]
+
+
+def official_shapes(cfg: LITv2Config):
+    """Official key -> shape of every tensor of cfg's official state dict."""
+    engine = engine_tensor_shapes(cfg)
+    return {o: tuple(OFFICIAL_KINDS[k][0](engine[e])) for o, e, k in official_layout(cfg)}
+
+
 def check_tensors(tensors, cfg: LITv2Config, where="weights"):
     """Missing, unexpected or mis-shaped tensors are one error that names them."""
     check_tensor_shapes(tensors, engine_tensor_shapes(cfg), "LITv2", where)

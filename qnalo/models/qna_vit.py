@@ -62,6 +62,85 @@ def engine_tensor_shapes(cfg: QnAViTConfig):
     return shapes
 
 
+# -- official layouts -> engine tensors -------------------------------------------------------------------------
+# The one key table of the family: the converter (weights_converter/qna_vit.py) and qnalo.layers use it.
+# Leaf kinds: how an engine tensor is stored in each source (engine shape -> source shape; source -> engine).
+#   dense   Flax Dense kernel (in, out) = engine; torch Linear (out, in)
+#   conv1x1 Flax (1, 1, in, out); torch (out, in, 1, 1); engine (in, out)
+#   out1x1  the QnA output projection: a Flax Dense kernel (in, out), a torch 1x1 conv (out, in, 1, 1) (DAT port)
+#   stem    Flax HWIO (4, 4, 3, E); torch OIHW (E, 3, 4, 4); engine (48, E), row c*16 + ky*4 + kx
+#   scale   attn_scale: (1, 1, k^2, nc) in both sources; engine (k^2, nc)
+#   plain   the same everywhere (LayerNorm, biases, queries, rpe tables)
+FLAX_SHAPE = {"dense": lambda s: s, "out1x1": lambda s: s, "conv1x1": lambda s: (1, 1) + s,
+              "stem": lambda s: (4, 4, 3, s[1]), "scale": lambda s: (1, 1) + s, "plain": lambda s: s}
+TORCH_SHAPE = {"dense": lambda s: s[::-1], "conv1x1": lambda s: s[::-1] + (1, 1),
+               "out1x1": lambda s: s[::-1] + (1, 1), "stem": lambda s: (s[1], 3, 4, 4),
+               "scale": lambda s: (1, 1) + s, "plain": lambda s: s}
+FROM_FLAX = {"dense": lambda a: a, "out1x1": lambda a: a, "conv1x1": lambda a: a[0, 0],
+             "scale": lambda a: a[0, 0], "plain": lambda a: a,
+             "stem": lambda a: a.transpose(2, 0, 1, 3).reshape(48, a.shape[3])}   # HWIO -> row c*16 + ky*4 + kx
+FROM_TORCH = {"dense": lambda a: a.T, "conv1x1": lambda a: a[:, :, 0, 0].T, "out1x1": lambda a: a[:, :, 0, 0].T,
+              "scale": lambda a: a[0, 0], "plain": lambda a: a,
+              "stem": lambda a: a.reshape(a.shape[0], 48).T}                     # OIHW -> row c*16 + ky*4 + kx
+
+# A block's leaves: (Flax path in the block, engine name in the block, kind). QNA_LEAVES are also the layer's
+# own (qnalo.layers.QnA), without the FusedKQnA_0/ and attn. prefixes.
+LN_LEAVES = (("LayerNorm_0/scale", "norm1.weight", "plain"), ("LayerNorm_0/bias", "norm1.bias", "plain"),
+             ("LayerNorm_1/scale", "norm2.weight", "plain"), ("LayerNorm_1/bias", "norm2.bias", "plain"))
+MLP_LEAVES = (("MlpBlock_0/Dense_0/kernel", "mlp.fc1.weight", "dense"),
+              ("MlpBlock_0/Dense_0/bias", "mlp.fc1.bias", "plain"),
+              ("MlpBlock_0/Dense_1/kernel", "mlp.fc2.weight", "dense"),
+              ("MlpBlock_0/Dense_1/bias", "mlp.fc2.bias", "plain"))
+MSA_LEAVES = (("MultiHeadSelfAttention_0/to_qkv/kernel", "attn.qkv.weight", "dense"),
+              ("MultiHeadSelfAttention_0/to_out/kernel", "attn.proj.weight", "dense"),
+              ("MultiHeadSelfAttention_0/RelativePositionalEmbedding_0/rpe_bias", "attn.rpb_table", "plain"))
+QNA_LEAVES = (("FusedKQnA_0/Wk", "attn.proj_k.weight", "dense"),
+              ("FusedKQnA_0/to_v/kernel", "attn.proj_v.weight", "dense"),
+              ("FusedKQnA_0/to_out/kernel", "attn.proj_out.weight", "out1x1"),
+              ("FusedKQnA_0/query", "attn.q_param", "plain"),
+              ("FusedKQnA_0/attn_scale_weights", "attn.attn_scale", "scale"),
+              ("FusedKQnA_0/rpe_bias", "attn.rpb_table", "plain"))
+
+
+def _flax_blocks(cfg):
+    """(Flax block path, engine prefix, kind) of every block, kind 'msa', 'qna' or 'down'."""
+    for i in range(4):
+        for j in range(cfg.msa_depths[i]):
+            yield f"LSAStage_{i}/MSA_Block_{j + 1}", f"stages.{i}.msa.{j}.", "msa"
+        for j in range(cfg.qna_depths[i]):
+            yield f"QnAStage_{i}/QnA_Block_{j + 1}", f"stages.{i}.qna.{j}.", "qna"
+        if i < 3:
+            yield f"QnAStage_{i}/QnA_Block_{cfg.qna_depths[i] + 1}_stride_2", f"stages.{i}.downsample.", "down"
+
+
+def official_layout(cfg):
+    """[(Flax path, engine name, kind)] for every tensor of `cfg`; the PyTorch-layout name is the engine name."""
+    rows = [("StemBlock_0/conv_1x1/kernel", "stem.weight", "stem")]
+    for flax, engine, kind in _flax_blocks(cfg):
+        leaves = [*LN_LEAVES, *MLP_LEAVES, *(MSA_LEAVES if kind == "msa" else QNA_LEAVES)]
+        if kind == "down":
+            leaves.append(("Conv_0/kernel", "skip.weight", "conv1x1"))
+        rows += [(f"{flax}/{f}", engine + e, k) for f, e, k in leaves]
+    if cfg.num_classes:
+        rows += [("ClassificationHead_0/LayerNorm_0/scale", "norm.weight", "plain"),
+                 ("ClassificationHead_0/LayerNorm_0/bias", "norm.bias", "plain"),
+                 ("ClassificationHead_0/head_logits/kernel", "head.weight", "dense"),
+                 ("ClassificationHead_0/head_logits/bias", "head.bias", "plain")]
+    return rows
+
+
+def official_flax_shapes(cfg):
+    """Flax path -> shape of every parameter leaf of `cfg` (spec 4.2)."""
+    engine = engine_tensor_shapes(cfg)
+    return {f: tuple(FLAX_SHAPE[k](engine[e])) for f, e, k in official_layout(cfg)}
+
+
+def official_torch_shapes(cfg):
+    """PyTorch-layout name -> shape of every tensor of `cfg` (spec 6.4)."""
+    engine = engine_tensor_shapes(cfg)
+    return {e: tuple(TORCH_SHAPE[k](engine[e])) for _, e, k in official_layout(cfg)}
+
+
 def check_tensors(tensors, cfg: QnAViTConfig, where="weights"):
     """Missing, unexpected or mis-shaped tensors are one error that names them."""
     check_tensor_shapes(tensors, engine_tensor_shapes(cfg), "QnA-ViT", where)
