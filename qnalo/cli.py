@@ -1,166 +1,29 @@
 """The `qnalo` command line. Subcommands: classify (and classify --demo), convert, info, bench.
 
-Every subcommand registers itself in `_SUBCOMMANDS` with a function adding its arguments and one running it.
-Every error is one line on stderr, `qnalo: error: <message>`: bad input (a missing or damaged file, weights of
-another model) exits with status 1, a wrong command line (an unknown option, a missing argument, options that
-do not go together) with status 2. Output into a pipe that closes early (`| head`) ends quietly.
+Every subcommand registers itself in `_SUBCOMMANDS` with a function adding its arguments and one running it;
+`convert`'s are the converter's own (qnalo.weights_converter.command). Errors, exit statuses and closed pipes
+follow qnalo._command.
 """
-import argparse
 import json
 import os
-import re
 import sys
 import warnings
 
 from qnalo import __version__
-from qnalo.errors import InputError, QnaloError, VariantMismatchError
-
-_HANDLED_ERRORS = (QnaloError, OSError)  # OSError covers FileExistsError and FileNotFoundError
-_USAGE_STATUS = 2
-_BROKEN_PIPE_STATUS = 128 + 13   # what a shell reports for a process ended by SIGPIPE
-
-
-class UsageError(InputError):
-    """A command line that asks for something impossible: exit status 2, as argparse's own errors."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line like every other error of the command."""
-
-    def error(self, message):
-        print(f"qnalo: error: {' '.join(message.split())} (see `{self.prog} --help`)", file=sys.stderr)
-        sys.exit(_USAGE_STATUS)
+from qnalo._command import Parser, UsageError, positive_int, progress, report, run
+from qnalo.errors import InputError
+from qnalo.weights_converter.command import CONVERT_HELP, add_convert_arguments, run_convert
 
 
 def main(argv=None):
-    parser = _Parser(prog="qnalo", description="CPU inference for LITv2 and QnA-ViT, without PyTorch.")
+    parser = Parser(prog="qnalo", description="CPU inference for LITv2 and QnA-ViT, without PyTorch.")
     parser.add_argument("--version", action="version", version=f"qnalo {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add_arguments, run) in _SUBCOMMANDS.items():
+    for name, (help_text, add_arguments, run_command) in _SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         add_arguments(subparser)
-        subparser.set_defaults(run=run)
-    return _run(parser, argv)
-
-
-def convert_main(argv=None, prog="python -m qnalo.weights_converter"):
-    """`qnalo convert` as a program of its own (python -m qnalo.weights_converter)."""
-    parser = _Parser(prog=prog, description=_CONVERT_HELP)
-    _add_convert_arguments(parser)
-    parser.set_defaults(run=_run_convert)
-    return _run(parser, argv)
-
-
-def _run(parser, argv):
-    args = parser.parse_args(argv)
-    warnings.showwarning = _one_line_warning
-    try:
-        status = args.run(args)
-        sys.stdout.flush()   # here, not at exit, so that a closed pipe is seen below
-        return status
-    except BrokenPipeError:
-        # the reader went away (`| head`): stop quietly, and keep Python's exit-time flush from reporting it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return _BROKEN_PIPE_STATUS
-    except UsageError as exc:
-        _print_error(exc)
-        return _USAGE_STATUS
-    except VariantMismatchError as exc:
-        _print_error(f"{exc.what}; drop --model to use the file as it is")
-        return 1
-    except _HANDLED_ERRORS as exc:
-        _print_error(exc)
-        return 1
-
-
-def _print_error(error):
-    message = " ".join(str(error).split()) or type(error).__name__   # one line, whatever the message holds
-    print(f"qnalo: error: {_in_cli_words(message)}", file=sys.stderr)
-
-
-# The library names its keyword arguments as Python spells them (force=True, device='cuda'); the command line
-# names the options that set them.
-_OPTION_SPELLINGS = {"force=True": "--force", "head_dim=N": "--head-dim N",
-                     "window_sizes=(W0, W1, W2, W3)": "--window-sizes W0,W1,W2,W3"}
-_KEYWORDS = re.compile("|".join(map(re.escape, _OPTION_SPELLINGS)) + r"|\b(device|dtype)='([^']*)'")
-
-
-def _in_cli_words(message):
-    return _KEYWORDS.sub(lambda m: f"--{m[1]} {m[2]}" if m[1] else _OPTION_SPELLINGS[m[0]], message)
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    text = " ".join(str(message).split()).removeprefix("qnalo: ")   # the library's warnings name it already
-    print(f"qnalo: warning: {_in_cli_words(text)}", file=sys.stderr)
-
-
-_CONVERT_HELP = ("Convert an official checkpoint (.pth or .safetensors state dict, or a Flax checkpoint_<step> file or "
-                 "folder) into a qnalo weights file.")
-
-
-def _add_convert_arguments(parser):
-    parser.add_argument("src", metavar="SRC",
-                        help="official checkpoint: .pth, .safetensors state dict, Flax checkpoint_<step> or its folder")
-    parser.add_argument("dst", metavar="DST", help="qnalo weights file to write (.safetensors)")
-    parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
-    parser.add_argument("--img-size", type=_positive_int, metavar="N",
-                        help="evaluation resolution to record (default: from the file name or config, else 224)")
-    parser.add_argument("--window-sizes", type=_window_sizes, metavar="W0,W1,W2,W3",
-                        help="HiLo window size per stage (default: from the config or file name, else 0,0,2,1)")
-    parser.add_argument("--head-dim", type=_positive_int, metavar="N",
-                        help="LITv2 width per head (default: 32, that of every released LITv2)")
-    parser.add_argument("--labels", metavar="FILE",
-                        help="class names to record, one per line, as many as the head has classes "
-                             "(default: ImageNet's for 1000 classes, else the class numbers)")
-
-
-def _run_convert(args):
-    from qnalo.weights_converter.convert import CONVERT_STEPS, convert
-
-    labels = _read_labels(args.labels) if args.labels else None
-    big = os.path.isfile(args.src) and os.path.getsize(args.src) > PROGRESS_FROM_BYTES
-    with _progress(total=len(CONVERT_STEPS), unit="step", enabled=big, desc="convert") as bar:
-        def step(name):
-            bar.set_description(f"convert: {name}")
-            bar.update(0 if name == CONVERT_STEPS[0] else 1)
-
-        info = convert(args.src, args.dst, force=args.force, img_size=args.img_size, window_sizes=args.window_sizes,
-                       labels=labels, head_dim=args.head_dim, progress=step if big else None)
-        bar.update(1)
-    print(f"wrote {info['architecture']} ({info['variant'] or 'custom configuration'}, "
-          f"{info['params']:,} parameters) to {info['path']}")
-    return 0
-
-
-PROGRESS_FROM_BYTES = 32 * 2**20   # a bar for checkpoints that take a noticeable while
-
-
-def _read_labels(path):
-    with open(path, encoding="utf-8") as f:
-        labels = [line.strip() for line in f if line.strip()]
-    if not labels:
-        raise InputError(f"{path}: no class names in it (one per line)")
-    return labels
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
-
-
-def _window_sizes(text):
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        sizes = ()
-    if len(sizes) != 4 or min(sizes) < 0:
-        raise argparse.ArgumentTypeError(f"expected 4 comma-separated integers >= 0, like 0,0,2,1; got {text!r}")
-    return sizes
+        subparser.set_defaults(run=run_command)
+    return run(parser, argv)
 
 
 _CLASSIFY_HELP = ("Classify images: the top-k class names with probabilities. IMAGE may be files, folders (searched "
@@ -178,15 +41,15 @@ def _add_classify_arguments(parser):
     which.add_argument("--demo", action="store_true",
                        help="run both embedded demo models on the held-out digits: accuracy, speed, and agreement "
                             "with the PyTorch predictions recorded at training time")
-    parser.add_argument("--top", type=_positive_int, metavar="K",
+    parser.add_argument("--top", type=positive_int, metavar="K",
                         help=f"classes to show (default: {DEFAULT_TOP}, or every class of a smaller head)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
-    parser.add_argument("--batch", type=_positive_int, default=8, metavar="N", help="images per batch (default: 8)")
+    parser.add_argument("--batch", type=positive_int, default=8, metavar="N", help="images per batch (default: 8)")
     _add_target_arguments(parser)
 
 
 def _add_target_arguments(parser):
-    parser.add_argument("--threads", type=_positive_int, metavar="N",
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="kernel threads (default: QNALO_NUM_THREADS, else every CPU this process may use)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model runs (default: cpu; cuda needs CuPy and an NVIDIA GPU)")
@@ -223,13 +86,13 @@ def _run_classify(args):
 
     files, problems = expand_paths(args.images)
     for item, message in problems:
-        _report(f"{item}: {message}")
+        report(f"{item}: {message}")
     results = []
-    with _progress(total=len(files), unit="image", enabled=len(files) > 1 and not args.json) as bar:
+    with progress(total=len(files), unit="image", enabled=len(files) > 1 and not args.json) as bar:
         for result in classify_files(model, files, top=top, batch=args.batch, progress=bar.update):
             results.append(result)
             if "error" in result:
-                _report(f"{result['image']}: {result['error']}", bar)
+                report(f"{result['image']}: {result['error']}", bar)
             elif not args.json:
                 bar.write(_format_result(result))
     if args.json:
@@ -237,7 +100,7 @@ def _run_classify(args):
                           "not_found": [{"item": i, "error": m} for i, m in problems]}, indent=2))
     failed = len(problems) + sum("error" in r for r in results)
     if failed:
-        _report(f"{failed} of {len(problems) + len(results)} inputs could not be classified")
+        report(f"{failed} of {len(problems) + len(results)} inputs could not be classified")
     return 1 if failed else 0
 
 
@@ -384,9 +247,9 @@ def _add_bench_arguments(parser):
                         help=f"a variant, on random weights (default: {DEFAULT_BENCH_MODEL}), or an embedded demo "
                              "model; with --weights: check the file is that variant")
     parser.add_argument("--weights", metavar="FILE", help="time this weights file instead of random weights")
-    parser.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="images per call (default: 1)")
-    parser.add_argument("--calls", type=_positive_int, default=10, metavar="N", help="timed calls (default: 10)")
-    parser.add_argument("--size", type=_positive_int, metavar="PX", help="image side (default: the model's)")
+    parser.add_argument("--batch", type=positive_int, default=1, metavar="N", help="images per call (default: 1)")
+    parser.add_argument("--calls", type=positive_int, default=10, metavar="N", help="timed calls (default: 10)")
+    parser.add_argument("--size", type=positive_int, metavar="PX", help="image side (default: the model's)")
     _add_target_arguments(parser)
 
 
@@ -427,7 +290,8 @@ def _run_bench(args):
     size = args.size or model.config.img_size
     x = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
     if args.device == "cpu":
-        finish = _nothing
+        def finish():
+            pass
     else:   # device arrays in and out, and each call waits for the GPU: kernel time, not copies
         import cupy
         x, finish = cupy.asarray(x), cupy.cuda.Device().synchronize
@@ -453,52 +317,9 @@ def _run_bench(args):
     return 0
 
 
-def _nothing():
-    pass
-
-
-class _NoBar:
-    """What _progress gives when no bar is wanted: the same methods, doing nothing but writing."""
-    def update(self, n=1):
-        pass
-
-    def set_description(self, text):
-        pass
-
-    def write(self, text):
-        print(text)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _progress(total, unit, enabled, desc=None):
-    """A tqdm bar on stderr (only where stderr is a terminal) when enabled, else a stand-in."""
-    if not enabled:
-        return _NoBar()
-    import shutil
-
-    from tqdm import tqdm
-    # a terminal that reports no size (a bare pty: 0 x 0) makes tqdm hide the bar; shutil falls back to 80 x 24
-    size = shutil.get_terminal_size()
-    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=None, leave=False,
-                ncols=size.columns, nrows=size.lines)
-
-
-def _report(message, bar=None):
-    line = f"qnalo: error: {message}"
-    if bar is not None and not isinstance(bar, _NoBar):
-        bar.write(line, file=sys.stderr)
-    else:
-        print(line, file=sys.stderr)
-
-
 _SUBCOMMANDS = {
     "classify": (_CLASSIFY_HELP, _add_classify_arguments, _run_classify),
-    "convert": (_CONVERT_HELP, _add_convert_arguments, _run_convert),
+    "convert": (CONVERT_HELP, add_convert_arguments, run_convert),
     "info": (_INFO_HELP, _add_info_arguments, _run_info),
     "bench": (_BENCH_HELP, _add_bench_arguments, _run_bench),
 }

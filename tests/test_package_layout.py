@@ -33,3 +33,13 @@ def test_only_qnalo_lands_in_site_packages():
     assert packages and all(p == "qnalo" or p.startswith("qnalo.") for p in packages), packages
     mapped = dict(line.split(" = ") for line in cfg["options"]["package_dir"].strip().splitlines())
     assert mapped == {"qnalo.kernels": "kernels", "qnalo.weights_converter": "weights_converter"}
+
+
+def test_the_converter_runs_without_the_command_line_module():
+    code = ("import runpy, sys; sys.argv = ['qnalo.weights_converter', '--help']\n"
+            "try:\n    runpy.run_module('qnalo.weights_converter', run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+            "assert 'qnalo.cli' not in sys.modules, 'the converter imported qnalo.cli'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage: python -m qnalo.weights_converter" in out.stdout
