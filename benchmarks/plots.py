@@ -14,7 +14,7 @@
 
 Run:  python benchmarks/plots.py          (needs the bench and test extras: matplotlib, torch)
 Every point is the median of CALLS calls; memory is the peak RSS of one call above the RSS before it, in a fresh
-process (benchmarks/bench_qna_layer.py's probe).
+process (benchmarks/bench_layers.py's probe).
 """
 import harness  # noqa: F401  (first: pins the thread variables before numpy loads)
 
@@ -28,7 +28,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import bench_qna_layer  # noqa: E402
+import bench_layers  # noqa: E402
 
 sys.path.insert(0, harness.TESTS)   # the PyTorch reference modules
 
@@ -67,7 +67,7 @@ print(peak, sorted(times)[len(times) // 2])
 
 def qna_layer_point(engine, k, calls):
     """(peak extra KiB, median seconds) of one layer call, in a fresh process."""
-    code = f"ENGINE, K = {engine!r}, {k}\n" + LAYER_PROBE.format(setup=bench_qna_layer.SETUP, calls=calls)
+    code = f"ENGINE, K = {engine!r}, {k}\n" + LAYER_PROBE.format(setup=bench_layers.SETUP, calls=calls)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
                          env={**os.environ, "PYTHONPATH": harness.ROOT})
     if out.returncode:
