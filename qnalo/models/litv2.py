@@ -11,7 +11,7 @@ import numpy as np
 from ..weights import release_pages
 from .classifier import Classifier
 from .inputs import check_image_batch
-from .parts import Linear, Norm, read_only
+from .parts import Linear, Norm, add_residual, read_only
 from .tensors import check_tensor_shapes, draw_tensors, head_shapes
 from .litv2_config import LITv2Config
 
@@ -198,15 +198,15 @@ class Block:
         return self.norm1 or self.norm2
 
     def __call__(self, ops, x, xn, b, h, w, next_norm):
-        """x (B*h*w, C) residual stream, updated in place; xn = first_norm(x) on entry, next_norm(x) on exit."""
+        """The block contract of both families: x (B*h*w, C) the residual stream, xn = this block's first
+        LayerNorm of it; returns (x, xn, h, w) after the block, xn = next_norm(x) when a block follows. Here x
+        is updated in place and the map keeps its size."""
         if self.attn:
             y, bias = self.attn(ops, xn, b, h, w)
             ops.residual_add_layernorm(x, y, bias, self.norm2.weight, self.norm2.bias, LN_EPS, xn)
         y, bias = self.mlp(ops, xn, b, h, w)
-        if next_norm is None:
-            ops.residual_add(x, y, bias)
-        else:
-            ops.residual_add_layernorm(x, y, bias, next_norm.weight, next_norm.bias, LN_EPS, xn)
+        add_residual(ops, x, y, bias, next_norm, LN_EPS, xn)
+        return x, xn, h, w
 
 
 class DTM:
@@ -293,7 +293,8 @@ class LITv2(Classifier):
         first = blocks[0].first_norm
         xn = self._ops.layernorm(tokens, first.weight, first.bias, LN_EPS, self._ops.xp.empty_like(tokens))
         for j, blk in enumerate(blocks):
-            blk(self._ops, tokens, xn, b, h, w, blocks[j + 1].first_norm if j + 1 < len(blocks) else None)
+            tokens, xn, h, w = blk(self._ops, tokens, xn, b, h, w,
+                                   blocks[j + 1].first_norm if j + 1 < len(blocks) else None)
         return tokens
 
     def _stages(self, x, keep_early=True):

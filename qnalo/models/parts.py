@@ -27,6 +27,15 @@ class Norm:
         self.bias = t[prefix + ".bias"]
 
 
+def add_residual(ops, x, y, bias, next_norm, eps, xn):
+    """The end of every block of both families: x += y + bias in place and, when a block follows, xn = its first
+    LayerNorm of the new x in the same pass (next_norm None: the stage ends, xn is left as it is)."""
+    if next_norm is None:
+        ops.residual_add(x, y, bias)
+    else:
+        ops.residual_add_layernorm(x, y, bias, next_norm.weight, next_norm.bias, eps, xn)
+
+
 def read_only(array):
     """A read-only view: a weights file's tensors are read-only (mmap), and Numba compiles a kernel apart for
     read-only and writable arguments, so every model hands its kernels the same kind whatever its source."""

@@ -17,7 +17,7 @@ from ..kernels.window_msa import relative_bias
 from ..weights import release_pages
 from .classifier import Classifier
 from .inputs import check_image_batch
-from .parts import Linear, Norm, read_only
+from .parts import Linear, Norm, add_residual, read_only
 from .tensors import check_tensor_shapes, draw_tensors, head_shapes
 from .qna_vit_config import QnAViTConfig
 
@@ -242,8 +242,8 @@ class Block:
         self.zero_bias = read_only(np.zeros(self.norm2.weight.shape, np.float32))
 
     def __call__(self, ops, x, xn, b, h, w, next_norm):
-        """x (B*h*w, C) residual stream (updated in place unless the block downsamples); xn = norm1(x) on entry.
-        Returns (x, xn, h, w) after the block, xn = next_norm(x) when next_norm is given."""
+        """The block contract of both families (see litv2.Block): returns (x, xn, h, w) after the block. x is
+        updated in place unless the block downsamples, which returns a new, smaller map."""
         y, ho, wo = self.mixer(ops, xn, b, h, w)
         if self.skip is not None:
             c = x.shape[1]
@@ -251,10 +251,7 @@ class Block:
             xn = ops.xp.empty_like(x)
         ops.residual_add_layernorm(x, y, self.zero_bias, self.norm2.weight, self.norm2.bias, LN_EPS, xn)
         y, bias = self.mlp(ops, xn)
-        if next_norm is None:
-            ops.residual_add(x, y, bias)
-        else:
-            ops.residual_add_layernorm(x, y, bias, next_norm.weight, next_norm.bias, LN_EPS, xn)
+        add_residual(ops, x, y, bias, next_norm, LN_EPS, xn)
         return x, xn, ho, wo
 
 
