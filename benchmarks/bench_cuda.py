@@ -131,8 +131,8 @@ def bench_model(benchmark, gpu, models, name, case, engine):
 @pytest.mark.parametrize("k", QNA_K)
 def bench_qna_layer(benchmark, gpu, k, engine):
     import torch
-    from reference.qna_torch import FusedKQnA, engine_weights, randomize_
-    from qnalo.kernels import cuda, qna
+    from reference.qna_torch import FusedKQnA, randomize_
+    from qnalo.layers import QnA
     cp, device, synchronize = gpu
     batch = BATCHES["throughput_b64"]
     x = np.random.default_rng(0).standard_normal((batch, SIZE, SIZE, CHANNELS)).astype(np.float32)
@@ -144,12 +144,11 @@ def bench_qna_layer(benchmark, gpu, k, engine):
             with torch.inference_mode():
                 return layer(xt)
     else:
-        w = {n: cp.asarray(a.astype(np.float32)) for n, a in engine_weights(layer.state_dict(), HEADS).items()}
+        qna_layer = QnA.from_state_dict(layer.state_dict(), HEADS, k, 1, QUERIES, device="cuda")
         xc = cp.asarray(x)
 
-        def run():   # the layer as the model runs it: GEMM, fused windows, GEMM
-            return qna.qna_layer_with(xc, w["w_in"], w["w_out"], w["rpe"], w["attn_scale"], HEADS, 1,
-                                      cuda.ops.qna_windows, cp.matmul, np.float32, xp=cp)
+        def run():   # the layer as the model runs it (qnalo.layers): GEMM, fused windows, GEMM; CuPy in and out
+            return qna_layer(xc)
         with torch.inference_mode():
             want = layer(xt).permute(0, 2, 3, 1).cpu().numpy().reshape(-1, CHANNELS)
         PARITY[(case, engine)] = _relative(cp.asnumpy(run()).reshape(-1, CHANNELS), want)

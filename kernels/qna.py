@@ -31,14 +31,13 @@ and stay finite where it is not.
 
 Checked once against the official Flax layer itself (jax 0.10.2, flax 0.12.8; 12 layers with randomised
 parameters, k 1-7, stride 1-2, odd and 1x1 maps, QnA-ViT-tiny shapes): qna_attention_ref vs official float64
-max |diff| 5.3e-15 on outputs ~5; qna_attention vs official float32 max 3.3e-6 (official float32 vs float64:
-3.5e-6); at logits ~290 the official float32 output was all inf/NaN and qna_attention finite (1.8e-5 off)."""
+max |diff| 5.3e-15 on outputs ~5; the float32 layer vs official float32 max 3.3e-6 (official float32 vs float64:
+3.5e-6); at logits ~290 the official float32 output was all inf/NaN and the float32 layer finite (1.8e-5 off)."""
 import math
 
 import numba as nb
 import numpy as np
 
-from . import gemm
 from ._jit import ahead_kernel, array, inline_kernel, kernel
 from .threads import split_rows
 from .simd import LANES, transpose8, vbroadcast, vfma, vload, vmul, vstore, vzero
@@ -81,27 +80,15 @@ def _layout(n_cols, rpe, attn_scale, heads, stride):
     return ksize, nc // heads, f
 
 
-def qna_layer_with(x, w_in, w_out, rpe, attn_scale, heads, stride, windows, matmul, dtype, xp=np):
-    """The whole layer with the given window op, GEMM and compute dtype, on arrays of module xp (NumPy, or
-    CuPy with cuda.ops.qna_windows: benchmarks/bench_cuda.py)."""
+def qna_attention_ref(x, w_in, w_out, rpe, attn_scale, heads, stride):
+    """The whole layer (see the module docstring) in float64, returned in x's dtype: the plain-NumPy reference of
+    what the models run (qnalo.models.qna_vit.QnAAttention: qnalo's GEMMs around qna_windows)."""
     b, h, w, c = x.shape
     ksize, _, f = _layout(w_in.shape[1], rpe, attn_scale, heads, stride)
-    lv = matmul(x.reshape(-1, c).astype(dtype, copy=False), w_in.astype(dtype, copy=False))
-    out = xp.empty((b, qna_output_size(h, ksize, stride), qna_output_size(w, ksize, stride), f), dtype)
-    windows(lv.reshape(b, h, w, w_in.shape[1]), rpe, attn_scale, heads, stride, out)
-    return matmul(out.reshape(-1, f), w_out.astype(dtype, copy=False)).reshape(*out.shape[:3], w_out.shape[1])
-
-
-def _packed_matmul(x, w):
-    # qnalo's GEMM, not NumPy's BLAS: BLAS threads left spinning after each call held back the window
-    # kernel's second thread (k = 3 at 56x56x64, 2 threads: the layer took 5.3 ms with BLAS, 2.1 ms without)
-    return gemm.matmul(np.ascontiguousarray(x), gemm.PackedWeight(w))
-
-
-def qna_attention_ref(x, w_in, w_out, rpe, attn_scale, heads, stride):
-    """The whole layer (see the module docstring), evaluated in float64; returns x's dtype."""
-    return qna_layer_with(x, w_in, w_out, rpe, attn_scale, heads, stride, qna_windows_ref, np.matmul,
-                          np.float64).astype(x.dtype)
+    lv = (x.reshape(-1, c).astype(np.float64) @ w_in.astype(np.float64)).reshape(b, h, w, -1)
+    out = np.empty((b, qna_output_size(h, ksize, stride), qna_output_size(w, ksize, stride), f))
+    qna_windows_ref(lv, rpe, attn_scale, heads, stride, out)
+    return (out.reshape(-1, f) @ w_out.astype(np.float64)).reshape(*out.shape[:3], -1).astype(x.dtype)
 
 
 def qna_windows_ref(lv, rpe, attn_scale, heads, stride, out):
@@ -132,13 +119,6 @@ def qna_windows_ref(lv, rpe, attn_scale, heads, stride, out):
         acc += wgt[..., None] * cells(values, t)
     out[...] = acc.reshape(b, ho, wo, f)
     return out
-
-
-def qna_attention(x, w_in, w_out, rpe, attn_scale, heads, stride):
-    """Same contract as qna_attention_ref, in float32: qnalo's GEMMs around the fused window kernel."""
-    if x.dtype != np.float32:
-        raise TypeError(f"qna_attention takes float32 input, got {x.dtype}")
-    return qna_layer_with(x, w_in, w_out, rpe, attn_scale, heads, stride, qna_windows, _packed_matmul, np.float32)
 
 
 # The fast path factors each window's exponentials as exp(logit - top_c) * exp(rpe - max rpe_c), with top_c the

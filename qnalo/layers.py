@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from .errors import CheckpointError, InputError, key_mismatches
-from .kernels.qna import fold_queries, qna_output_size
+from .kernels.qna import _layout as _qna_layout, fold_queries, qna_output_size
 from .models.parts import engine_arrays, move
 from .models.litv2 import DTM as _DTMPart, OFFICIAL_KINDS, HiLoAttention, official_kind
 from .models.ops import check_dtype, device_ops, get_ops
@@ -290,6 +290,11 @@ class QnA(_Layer):
         to_out (F_out,))."""
         moved = self._start(backend, device, dtype)
         t = engine_arrays(tensors)
+        try:   # the window kernels' own check of the layout, before anything is built
+            _qna_layout(t["proj_k.weight"].shape[1] + t["rpb_table"].shape[1], t["rpb_table"], t["attn_scale"],
+                        num_heads, stride)
+        except ValueError as exc:
+            raise InputError(f"QnA: {exc}") from None
         self.num_heads, self.stride = num_heads, stride
         self.in_channels, self.features = t["proj_k.weight"].shape
         self.out_features = t["proj_out.weight"].shape[1]

@@ -1,4 +1,5 @@
-"""The QnA layer: fused Numba window kernel vs its float64 NumPy reference, and properties both must have."""
+"""The QnA layer: the fused Numba window kernel, and the layer as the models run it (qnalo.models.qna_vit's
+QnAAttention, through qnalo.layers.QnA), vs their float64 NumPy references, and properties both must have."""
 import math
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from qnalo.kernels import qna, threads
+from qnalo.layers import QnA
 from tolerances import assert_close
 
 cases = dict(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), h=st.integers(1, 11), w=st.integers(1, 11),
@@ -46,15 +48,26 @@ def layer_args(seed, b, h, w, c, heads, hd, nq, k, stride, logit_scale):
 
     x = randn(b, h, w, c)
     # keys ~ N(0, (logit_scale * sqrt(hd))^2), unit queries / sqrt(hd): logits ~ N(0, logit_scale^2)
-    wk = randn(c, f, scale=logit_scale * math.sqrt(hd / c))
-    w_in = np.concatenate([qna.fold_queries(randn(nq, f), wk, heads), randn(c, f, scale=c ** -0.5)], axis=1)
+    wk, query, wv = randn(c, f, scale=logit_scale * math.sqrt(hd / c)), randn(nq, f), randn(c, f, scale=c ** -0.5)
+    w_in = np.concatenate([qna.fold_queries(query, wk, heads), wv], axis=1)
     return dict(x=x, w_in=w_in, w_out=randn(f, f, scale=f ** -0.5), rpe=randn(k * k, nq * heads),
-                attn_scale=randn(k * k, nq * heads), heads=heads, stride=stride)
+                attn_scale=randn(k * k, nq * heads), heads=heads, stride=stride, query=query, wk=wk, wv=wv)
+
+
+def reference(x, w_in, w_out, rpe, attn_scale, heads, stride, **_raw):
+    return qna.qna_attention_ref(x, w_in, w_out, rpe, attn_scale, heads, stride)
+
+
+def layer(x, w_out, rpe, attn_scale, heads, stride, query, wk, wv, **_folded):
+    """The layer the models run, on the same weights (its queries folded into the keys as w_in's are)."""
+    tensors = {"proj_k.weight": wk, "proj_v.weight": wv, "proj_out.weight": w_out, "q_param": query,
+               "rpb_table": rpe, "attn_scale": attn_scale}
+    return QnA(tensors, heads, stride)(x)
 
 
 def _compare(args, logit_scale, what="qna"):
-    out = qna.qna_attention(**args)
-    ref = qna.qna_attention_ref(**args)
+    out = layer(**args)
+    ref = reference(**args)
     assert out.dtype == np.float32 and np.isfinite(out).all()
     # a float32 logit carries ~eps*|logit| rounding, which moves the softmax weights by that much relatively:
     # the error grows with the logits' size, so atol does too (measurements in tolerances.py)
@@ -73,7 +86,7 @@ def test_output_sizes():
     assert [qna.qna_output_size(n, 7, 2) for n in (1, 2, 7, 8)] == [1, 1, 4, 4]
     assert [qna.qna_output_size(n, k, 1) for n in (1, 9) for k in (1, 3, 7)] == [1, 1, 1, 9, 9, 9]
     args = layer_args(0, 2, 7, 8, 4, 2, 2, 2, 3, 2, 1.0)
-    assert qna.qna_attention(**args).shape == qna.qna_attention_ref(**args).shape == (2, 4, 4, 4)
+    assert layer(**args).shape == reference(**args).shape == (2, 4, 4, 4)
 
 
 def _windows(ops, lv, rpe, scale, heads, stride, ho, wo):
@@ -96,7 +109,7 @@ def test_border_cells_are_dropped_not_zero_logits(ops):
         np.testing.assert_allclose(out[0, 0, j, 0], expect, rtol=1e-6)
 
 
-@pytest.mark.parametrize("ops", [qna.qna_attention, qna.qna_attention_ref], ids=["numba", "numpy"])
+@pytest.mark.parametrize("ops", [layer, reference], ids=["numba", "numpy"])
 @pytest.mark.parametrize("k,stride", [(1, 1), (1, 2), (3, 1), (7, 2)])
 def test_single_cell_windows_give_the_summed_scale_times_the_value(ops, k, stride):
     # spec 2.3: k = 1, or a 1x1 map with any k: each softmax is over one cell, so out = (sum_q S[centre]) * v
@@ -122,14 +135,14 @@ def test_logits_far_beyond_float32_exp_range_are_safe():
     # |logit| ~ 1e4 in float32 keeps ~1e-3 of its fraction: bound by that, not by the table
     np.testing.assert_allclose(out, base, atol=1e-2)
     args["rpe"] = args["rpe"] + np.float32(300.0)
-    assert np.isfinite(qna.qna_attention(**args)).all()
+    assert np.isfinite(layer(**args)).all()
 
 
 def test_nan_stays_in_its_image_and_window():
     args = layer_args(5, 3, 8, 8, 4, 2, 2, 2, 3, 1, 1.0)
     args["x"][1, 0, 0, 0] = np.nan
-    out = qna.qna_attention(**args)
-    ref = qna.qna_attention_ref(**args)
+    out = layer(**args)
+    ref = reference(**args)
     assert np.isnan(out[1, :2, :2]).all() and np.isnan(ref[1, :2, :2]).all()
     assert np.isfinite(out[[0, 2]]).all() and np.isfinite(out[1, 2:]).all() and np.isfinite(out[1, :, 2:]).all()
 
@@ -148,26 +161,26 @@ def test_fold_is_queries_normalised_per_head_times_keys():
 def test_bad_layouts_are_refused():
     args = layer_args(0, 1, 4, 4, 4, 2, 2, 2, 3, 1, 1.0)
     with pytest.raises(ValueError, match="k\\*k"):
-        qna.qna_attention_ref(**{**args, "rpe": args["rpe"][:8], "attn_scale": args["attn_scale"][:8]})
+        reference(**{**args, "rpe": args["rpe"][:8], "attn_scale": args["attn_scale"][:8]})
     with pytest.raises(ValueError, match="heads=3"):
-        qna.qna_attention(**{**args, "heads": 3})
-    with pytest.raises(TypeError, match="float32"):
-        qna.qna_attention(**{**args, "x": args["x"].astype(np.float64)})
+        layer(**{**args, "heads": 3})
+    # other float inputs are computed in float32, as float32 inputs are
+    np.testing.assert_array_equal(layer(**{**args, "x": args["x"].astype(np.float64)}), layer(**args))
 
 
 def test_empty_batch():
     args = layer_args(0, 1, 5, 5, 4, 2, 2, 2, 3, 2, 1.0)
     args["x"] = args["x"][:0]
-    assert qna.qna_attention(**args).shape == (0, 3, 3, 4)
+    assert layer(**args).shape == (0, 3, 3, 4)
 
 
 @pytest.mark.parametrize("n_threads", [2, 3, 5])
 def test_split_matches_single_thread(monkeypatch, n_threads):
     args = layer_args(7, 2, 13, 9, 8, 2, 4, 2, 5, 1, 1.0)
-    single = qna.qna_attention(**args)
+    single = layer(**args)
     monkeypatch.setattr(threads, "NUM_THREADS", n_threads)
     monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
-    np.testing.assert_array_equal(qna.qna_attention(**args), single)
+    np.testing.assert_array_equal(layer(**args), single)
 
 
 @given(seed=st.integers(0, 2**32 - 1), spread=st.floats(0.0, 79.0), stride=st.sampled_from([1, 2]),
