@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CheckpointError, InputError, key_mismatches
 from .kernels.qna import _layout as _qna_layout, fold_queries, qna_output_size
-from .models.parts import engine_arrays, move
+from .models.parts import Mover, engine_arrays
 from .models.litv2 import DTM as _DTMPart, OFFICIAL_KINDS, HiLoAttention, official_kind
 from .models.ops import check_dtype, device_ops, get_ops
 from .models.qna_vit import (FLAX_SHAPE, FROM_FLAX, FROM_TORCH, QNA_LEAVES, TORCH_SHAPE, QnAAttention,
@@ -118,8 +118,9 @@ class _Layer:
         if (device, dtype) == (self.device, self.dtype):
             return self
         ops = get_ops(self.backend) if device == "cpu" else device_ops(device, dtype)
-        move(self._part, self._ops, ops, set())
-        self._extra_arrays = {k: ops.to_device(self._ops.to_host(v)) for k, v in self._extra_arrays.items()}
+        mover = Mover(self._ops, ops)
+        self._part.to(mover)
+        self._extra_arrays = {k: mover.array(v) for k, v in self._extra_arrays.items()}
         self._ops, self.device, self.dtype = ops, device, dtype
         return self
 

@@ -6,14 +6,15 @@ from ..errors import InputError
 from ..kernels import _jit
 from .inputs import MEMORY_CHECK_FROM, available_memory, gib
 from .ops import check_dtype, device_ops, get_ops
-from .parts import engine_arrays, move
+from .parts import Mover, engine_arrays
 from .warmup import warm_up
 
 
 class Classifier:
     """forward_head and __call__ of a model whose head is LayerNorm -> mean over tokens -> Linear. Subclasses
     have config (num_classes), _ops, norm, head, LN_EPS, NO_HEAD (the error without a head), _check_input(x)
-    and _stages(x, keep_early) yielding (tokens (B*h*w, C), h, w) per stage, the last being the output."""
+    and _stages(x, keep_early) yielding (tokens (B*h*w, C), h, w) per stage, the last being the output, and
+    _parts(): the parts the model owns, each with to(mover) (parts.Mover)."""
 
     def _setup(self, cfg, tensors, backend, source, check_tensors):
         """Checks the tensors against cfg, sets config, source, backend, _ops and (numba backend) warms the
@@ -44,7 +45,7 @@ class Classifier:
         if device == self.device and dtype == self.dtype:
             return self
         ops = get_ops(self.backend) if device == "cpu" else device_ops(device, dtype)
-        move(self, self._ops, ops, set())
+        Mover(self._ops, ops).parts(*self._parts())
         self._ops, self.device, self.dtype = ops, device, dtype
         return self
 

@@ -166,6 +166,11 @@ class HiLoAttention:
             self.l_proj.matmul(heads_out[:, self.hi_dim:], out[:, self.hi_dim:])
         return out, self.proj_bias
 
+    def to(self, mover):
+        mover.parts(self.in_proj, getattr(self, "h_proj", None), getattr(self, "l_kv", None),
+                    getattr(self, "l_proj", None))
+        self.proj_bias = mover.array(self.proj_bias)
+
 
 class ConvFFN:
     """fc1 -> depthwise 3x3 (zero pad 1) -> exact GELU -> fc2."""
@@ -180,6 +185,10 @@ class ConvFFN:
         hidden = self.fc1.matmul(xn).reshape(b, h, w, -1)
         act = ops.dwconv3x3_gelu(hidden, self.fc1.bias, self.dw_weight, self.dw_bias)
         return self.fc2.matmul(act.reshape(b * h * w, -1)), self.fc2.bias
+
+    def to(self, mover):
+        mover.parts(self.fc1, self.fc2)
+        self.dw_weight, self.dw_bias = mover.array(self.dw_weight), mover.array(self.dw_bias)
 
 
 class Block:
@@ -196,6 +205,9 @@ class Block:
     @property
     def first_norm(self):
         return self.norm1 or self.norm2
+
+    def to(self, mover):
+        mover.parts(self.attn, self.norm1, self.norm2, self.mlp)
 
     def __call__(self, ops, x, xn, b, h, w, next_norm):
         """The block contract of both families: x (B*h*w, C) the residual stream, xn = this block's first
@@ -233,6 +245,9 @@ class DTM:
         y = self.conv.matmul(cols.reshape(b * ho * wo, 4 * c))
         return ops.bias_gelu(y, self.conv.bias), ho, wo
 
+    def to(self, mover):
+        mover.parts(self.offset, self.conv)
+
 
 class LITv2(Classifier):
     """A LITv2 classifier or dense backbone. `model(x)` -> logits; `model.forward_features(x)` -> 4 NCHW maps."""
@@ -258,6 +273,10 @@ class LITv2(Classifier):
                                       if not k.endswith(("running_mean", "running_var"))))
 
     random_tensors = staticmethod(random_tensors)
+
+    def _parts(self):
+        return [self.patch, self.patch_norm, *(b for stage in self.stages for b in stage), *self.downsamples,
+                *self.out_norms.values(), getattr(self, "norm", None), getattr(self, "head", None)]
 
     # -- input checks ---------------------------------------------------------------------------------------
     # LITv2-S and -B: 264 and 352 B per pixel at batch 1 (see Classifier.forward_bytes)

@@ -1,7 +1,6 @@
 """The building blocks every model part is made of: linear layers on the op set's GEMM, LayerNorm parameters,
-the read-only float32 view of a part's weights, and moving a part's arrays between devices."""
-import dataclasses
-
+the read-only float32 view of a part's weights, and moving a part's arrays between devices: every part has
+to(mover), which moves the arrays it holds and calls to() on the parts it owns (each part has one owner)."""
 import numpy as np
 
 from ..weights import release_pages
@@ -20,11 +19,38 @@ class Linear:
     def matmul(self, x, out=None):
         return self._matmul(x, self.weight, out)
 
+    def to(self, mover):
+        """The weight goes through the GEMM layouts (unpacked, then packed for the new op set), the matmul is
+        rebound, the bias moved."""
+        old = mover.old
+        host = self.weight.unpack() if hasattr(self.weight, "unpack") else old.to_host(self.weight)
+        self.weight, self._matmul = mover.new.pack_weight(np.ascontiguousarray(host)), mover.new.matmul
+        self.bias = mover.array(self.bias)
+
 
 class Norm:
     def __init__(self, t, prefix):
         self.weight = t[prefix + ".weight"]
         self.bias = t[prefix + ".bias"]
+
+    def to(self, mover):
+        self.weight, self.bias = mover.array(self.weight), mover.array(self.bias)
+
+
+class Mover:
+    """Moves arrays from one op set's device to another's (model.to, qnalo.layers' to)."""
+
+    def __init__(self, old, new):
+        self.old, self.new = old, new
+
+    def array(self, a):
+        return None if a is None else self.new.to_device(self.old.to_host(a))
+
+    def parts(self, *parts):
+        """to(self) on each part given (None: a part the model does not have)."""
+        for part in parts:
+            if part is not None:
+                part.to(self)
 
 
 def add_residual(ops, x, y, bias, next_norm, eps, xn):
@@ -48,29 +74,3 @@ def engine_arrays(tensors):
     """name -> read-only float32 C-contiguous array (a view of the given one where it already is one)."""
     return {k: read_only(v if v.dtype == np.float32 and v.flags.c_contiguous else np.ascontiguousarray(v, np.float32))
             for k, v in tensors.items()}
-
-
-def move(obj, old, new, seen):
-    """Every array held by obj and the model parts below it: from old's device to new's; a Linear's weight
-    through the GEMM layouts (unpacked, then packed for new) and its matmul rebound."""
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, Linear):
-        host = obj.weight.unpack() if hasattr(obj.weight, "unpack") else old.to_host(obj.weight)
-        obj.weight, obj._matmul = new.pack_weight(np.ascontiguousarray(host)), new.matmul
-    for name, value in vars(obj).items():
-        if not (isinstance(obj, Linear) and name in ("weight", "_matmul")):
-            setattr(obj, name, _moved(value, old, new, seen))
-
-
-def _moved(value, old, new, seen):
-    if isinstance(value, (list, tuple)):
-        return type(value)(_moved(v, old, new, seen) for v in value)
-    if isinstance(value, dict):
-        return {k: _moved(v, old, new, seen) for k, v in value.items()}
-    if isinstance(value, (np.ndarray, old.xp.ndarray)):
-        return new.to_device(old.to_host(value))
-    if type(value).__module__.startswith("qnalo.models") and not dataclasses.is_dataclass(value):
-        move(value, old, new, seen)   # a model part (configs are dataclasses and hold no arrays)
-    return value

@@ -194,6 +194,10 @@ class QnAAttention:
         ops.qna_windows(lv, self.rpe, self.attn_scale, self.heads, self.stride, out)
         return self.out_proj.matmul(out.reshape(-1, self.features)), ho, wo
 
+    def to(self, mover):
+        mover.parts(self.in_proj, self.out_proj)
+        self.rpe, self.attn_scale = mover.array(self.rpe), mover.array(self.attn_scale)
+
 
 class WindowMSA:
     """Multi-head self-attention in w x w windows with the Swin-style relative position bias; to_qkv in the
@@ -214,6 +218,10 @@ class WindowMSA:
         ops.window_msa(qkv, self.rel_bias, self.window, self.heads, out)
         return self.proj.matmul(out.reshape(-1, c)), h, w
 
+    def to(self, mover):
+        mover.parts(self.qkv, self.proj)
+        self.rel_bias = mover.array(self.rel_bias)
+
 
 class Mlp:
     """Dense(C -> 4C) -> tanh GELU -> Dense(4C -> C), with biases."""
@@ -225,6 +233,9 @@ class Mlp:
     def __call__(self, ops, xn):
         hidden = ops.bias_gelu_tanh(self.fc1.matmul(xn), self.fc1.bias)
         return self.fc2.matmul(hidden), self.fc2.bias
+
+    def to(self, mover):
+        mover.parts(self.fc1, self.fc2)
 
 
 class Block:
@@ -253,6 +264,10 @@ class Block:
         y, bias = self.mlp(ops, xn)
         add_residual(ops, x, y, bias, next_norm, LN_EPS, xn)
         return x, xn, ho, wo
+
+    def to(self, mover):
+        mover.parts(self.mixer, self.norm1, self.norm2, self.mlp, self.skip)
+        self.zero_bias = mover.array(self.zero_bias)
 
 
 def stage_sides(n):
@@ -296,6 +311,11 @@ class QnAViT(Classifier):
         self.num_parameters = int(sum(v.size for v in tensors.values()))
 
     random_tensors = staticmethod(random_tensors)
+
+    def _parts(self):
+        # the norms _first_norm and _next_norm name belong to the blocks, which move them
+        return [self.stem, *(b for stage in self.stages for b in stage), *self.downsamples,
+                getattr(self, "norm", None), getattr(self, "head", None)]
 
     # -- input checks ---------------------------------------------------------------------------------------
     def _side_fits(self, n):
