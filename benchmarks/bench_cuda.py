@@ -1,6 +1,7 @@
 """qnalo on an NVIDIA GPU (device="cuda") vs PyTorch CUDA eager on the same GPU in the same run: LITv2-S and
 QnA-ViT-Tiny at 224, batch 64 throughput and batch 1 latency, float32 (qnalo's float16 storage beside it), and the
-QnA layer alone at QnA-ViT-Tiny's first stage (56x56x64, 8 heads, 2 queries), batch 64, k = 3 and 7. Inputs stay
+QnA layer alone at QnA-ViT-Tiny's first stage (56x56x64, 8 heads, 2 queries), batch 64, k = 3 and 7, and
+LITv2-S's HiLo layer (layers.2, 14x14x384), batch 64, both through qnalo.layers. Inputs stay
 on the GPU for both engines; each timed call ends with a device synchronize. Every qnalo case is first checked
 against PyTorch on the same weights.
 
@@ -152,6 +153,42 @@ def bench_qna_layer(benchmark, gpu, k, engine):
         with torch.inference_mode():
             want = layer(xt).permute(0, 2, 3, 1).cpu().numpy().reshape(-1, CHANNELS)
         PARITY[(case, engine)] = _relative(cp.asnumpy(run()).reshape(-1, CHANNELS), want)
+    _time(benchmark, case, engine, batch, run, synchronize)
+
+
+HILO_SHAPE = (14, 384, 12, 2)   # LITv2-S layers.2: side, dim, heads, window (alpha 0.9)
+
+
+@pytest.mark.parametrize("engine", ["torch", "qnalo-float32"])
+def bench_hilo_layer(benchmark, gpu, engine):
+    """LITv2-S's HiLo (layers.2) alone, batch 64: qnalo.layers.HiLo on the GPU against the official-layout
+    PyTorch HiLo on the same weights."""
+    import torch
+    from reference.litv2_torch import HiLo as TorchHiLo
+    from qnalo.layers import HiLo
+    cp, device, synchronize = gpu
+    batch = BATCHES["throughput_b64"]
+    side, dim, heads, ws = HILO_SHAPE
+    sd = HiLo.random_state_dict(dim, heads, ws, 0.9, seed=0)
+    layer = TorchHiLo(dim, heads, window_size=ws, alpha=0.9).eval()
+    layer.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    layer = layer.to(device)
+    x = np.random.default_rng(0).standard_normal((batch, side * side, dim)).astype(np.float32)
+    xt = torch.from_numpy(x).to(device)
+    case = f"hilo_layer-litv2_s-layers.2-b{batch}"
+    if engine == "torch":
+        def run():
+            with torch.inference_mode():
+                return layer(xt, side, side)
+    else:
+        hilo = HiLo.from_state_dict(sd, dim, heads, ws, 0.9, device="cuda")
+        xc = cp.asarray(x)
+
+        def run():   # CuPy in and out
+            return hilo(xc, side, side)
+        with torch.inference_mode():
+            want = layer(xt, side, side).cpu().numpy()
+        PARITY[(case, engine)] = _relative(cp.asnumpy(run()), want)
     _time(benchmark, case, engine, batch, run, synchronize)
 
 
