@@ -22,22 +22,27 @@ import numpy as np
 
 from .errors import CheckpointError, InputError, key_mismatches
 from .kernels.qna import _layout as _qna_layout, fold_queries, qna_output_size
-from .models.parts import Mover, engine_arrays
+from .models.parts import engine_arrays, move_to
 from .models.litv2 import DTM as _DTMPart, OFFICIAL_KINDS, HiLoAttention, official_kind
-from .models.ops import check_dtype, device_ops, get_ops
+from .models.ops import get_ops
 from .models.qna_vit import (FLAX_SHAPE, FROM_FLAX, FROM_TORCH, QNA_LEAVES, TORCH_SHAPE, QnAAttention,
                               WindowMSA as _WindowMSAPart)
 
 __all__ = ["HiLo", "QnA", "WindowMSA", "DTM", "hilo_heads"]
 
 
+def _from_torch(value):
+    """A PyTorch tensor (one that requires grad, sits on a GPU or is bfloat16 included) as a NumPy array, without
+    importing torch; anything else as it is."""
+    if not hasattr(value, "detach"):
+        return value
+    value = value.detach().cpu()
+    return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+
+
 def _host_array(value, name):
-    """A float32 NumPy copy-or-view of a weight given as anything np.asarray takes (a PyTorch tensor that
-    requires grad or is bfloat16 included)."""
-    if hasattr(value, "detach"):                        # torch.Tensor, without importing torch
-        value = value.detach().cpu()
-        value = value.float() if str(value.dtype) == "torch.bfloat16" else value
-        value = value.numpy()
+    """A float32 NumPy copy-or-view of a weight given as anything np.asarray takes (PyTorch tensors included)."""
+    value = _from_torch(value)
     try:
         array = np.asarray(value)
     except Exception as exc:   # noqa: BLE001 - whatever the container raises, say which weight it was
@@ -89,8 +94,7 @@ _QNA_LAYER_LEAVES = tuple((leaf.removeprefix("FusedKQnA_0/"), engine.removeprefi
 
 def _input_array(x, xp):
     """x as an array of xp (NumPy or CuPy), float32, C-contiguous; (array, function bringing outputs back)."""
-    if hasattr(x, "detach") and not isinstance(x, (np.ndarray, xp.ndarray)):   # a PyTorch tensor
-        x = x.detach().cpu().numpy()
+    x = _from_torch(x)
     if xp is not np and isinstance(x, xp.ndarray):
         return xp.ascontiguousarray(x, dtype=xp.float32), (lambda a: a)
     x = np.asarray(x)
@@ -114,17 +118,10 @@ class _Layer:
     def to(self, device, dtype="float32"):
         """Moves the layer's weights to `device` ("cpu", or "cuda": CUDA kernels on CuPy arrays) and returns it;
         dtype="float16" (CUDA) stores weights and activations in half precision, computing in float32."""
-        dtype = check_dtype(device, dtype)
-        if (device, dtype) == (self.device, self.dtype):
-            return self
-        ops = get_ops(self.backend) if device == "cpu" else device_ops(device, dtype)
-        mover = Mover(self._ops, ops)
-        self._part.to(mover)
-        self._extra_arrays = {k: mover.array(v) for k, v in self._extra_arrays.items()}
-        self._ops, self.device, self.dtype = ops, device, dtype
-        return self
+        return move_to(self, device, dtype)
 
-    _extra_arrays = {}
+    def _parts(self):
+        return [self._part]
 
     def _prepare(self, x):
         x, back = _input_array(x, self._ops.xp)
@@ -303,12 +300,13 @@ class QnA(_Layer):
         self.window_size = math.isqrt(t["rpb_table"].shape[0])
         in_bias = None
         if biases is not None:
-            key_bias, v_bias, out_bias = biases
+            key_bias, v_bias, _ = biases
             # the key bias adds q.Wk_b to every logit of a (query, head): folded with the queries like Wk
             logit_bias = fold_queries(t["q_param"], np.asarray(key_bias, np.float32).reshape(1, -1), num_heads)[0]
             in_bias = engine_arrays({"b": np.concatenate([logit_bias, v_bias])})["b"]
-            self._extra_arrays = {"out_bias": engine_arrays({"b": out_bias})["b"]}
         self._part = QnAAttention(self._ops, t, "", num_heads, stride, in_bias)
+        if biases is not None:   # to_out's bias: the part returns its output without it, and this layer adds it
+            self._part.out_proj.bias = engine_arrays({"b": biases[2]})["b"]
         self.num_parameters = num_parameters if num_parameters is not None else sum(v.size for v in tensors.values())
         moved()
 
@@ -414,8 +412,8 @@ class QnA(_Layer):
             return back(self._ops.xp.zeros((b, max(ho, 0), max(wo, 0), self.out_features), self._ops.dtype))
         y, ho, wo = self._part(self._ops, x.reshape(b * h * w, c), b, h, w)
         y = y.reshape(b, ho, wo, self.out_features)
-        if "out_bias" in self._extra_arrays:
-            y += self._extra_arrays["out_bias"]
+        if self._part.out_proj.bias is not None:
+            y += self._part.out_proj.bias
         return back(y)
 
     def __repr__(self):
@@ -445,9 +443,8 @@ class WindowMSA(_Layer):
         self.num_heads, self.window_size = num_heads, window_size
         self.dim = t["proj.weight"].shape[0]
         self._part = _WindowMSAPart(self._ops, t, "", num_heads, window_size)
-        if biases is not None:
-            self._part.qkv.bias = engine_arrays({"b": biases[0]})["b"]
-            self._extra_arrays = {"out_bias": engine_arrays({"b": biases[1]})["b"]}
+        if biases is not None:   # the part adds qkv's bias; to_out's it leaves to this layer
+            self._part.qkv.bias, self._part.proj.bias = (engine_arrays({"b": b})["b"] for b in biases)
         self.num_parameters = num_parameters if num_parameters is not None else sum(v.size for v in tensors.values())
         moved()
 
@@ -510,8 +507,8 @@ class WindowMSA(_Layer):
         if maps.size == 0:
             return back(self._ops.xp.zeros(x.shape, self._ops.dtype))
         y, _, _ = self._part(self._ops, maps.reshape(b * h * wd, c), b, h, wd)
-        if "out_bias" in self._extra_arrays:
-            y += self._extra_arrays["out_bias"]
+        if self._part.proj.bias is not None:
+            y += self._part.proj.bias
         return back(y.reshape(x.shape))
 
 

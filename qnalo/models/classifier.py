@@ -5,8 +5,8 @@ import numpy as np
 from ..errors import InputError
 from ..kernels import _jit
 from .inputs import MEMORY_CHECK_FROM, available_memory, gib
-from .ops import check_dtype, device_ops, get_ops
-from .parts import Mover, engine_arrays
+from .ops import get_ops
+from .parts import engine_arrays, move_to
 from .warmup import warm_up
 
 
@@ -41,13 +41,7 @@ class Classifier:
         """Moves the model to `device` ("cpu", or "cuda": the CUDA kernels on CuPy arrays) and returns it. Its
         weights are copied there (and re-packed for the CPU's GEMM on the way back). dtype="float16" (CUDA)
         stores weights and activations in half precision; every kernel still computes in float32."""
-        dtype = check_dtype(device, dtype)
-        if device == self.device and dtype == self.dtype:
-            return self
-        ops = get_ops(self.backend) if device == "cpu" else device_ops(device, dtype)
-        Mover(self._ops, ops).parts(*self._parts())
-        self._ops, self.device, self.dtype = ops, device, dtype
-        return self
+        return move_to(self, device, dtype)
 
     def _input(self, x):
         """(x checked, C-contiguous, on the model's device in its dtype; a function that brings an output back to

@@ -4,6 +4,7 @@ to(mover), which moves the arrays it holds and calls to() on the parts it owns (
 import numpy as np
 
 from ..weights import release_pages
+from .ops import check_dtype, device_ops, get_ops
 
 
 class Linear:
@@ -35,6 +36,17 @@ class Norm:
 
     def to(self, mover):
         self.weight, self.bias = mover.array(self.weight), mover.array(self.bias)
+
+
+def move_to(holder, device, dtype):
+    """holder.to(device, dtype) of a model or a qnalo.layers layer (holder has backend, _ops, device, dtype and
+    _parts()): its parts' arrays copied to the device's op set, which it then runs on. Returns holder."""
+    dtype = check_dtype(device, dtype)
+    if (device, dtype) != (holder.device, holder.dtype):
+        ops = get_ops(holder.backend) if device == "cpu" else device_ops(device, dtype)
+        Mover(holder._ops, ops).parts(*holder._parts())
+        holder._ops, holder.device, holder.dtype = ops, device, dtype
+    return holder
 
 
 class Mover:

@@ -25,21 +25,22 @@ LN_EPS = 1e-6   # Flax nn.LayerNorm's default (official: fast variance E[x^2] - 
 
 
 def _block_prefixes(cfg: QnAViTConfig):
-    """(stage, kind, prefix) of every block in execution order; kind is 'msa', 'qna' or 'down'."""
+    """(stage, kind, engine prefix, official Flax path) of every block in execution order; kind is 'msa', 'qna'
+    or 'down' (the stride-2 block, numbered after the stage's QnA blocks in the Flax tree)."""
     for i in range(4):
         for j in range(cfg.msa_depths[i]):
-            yield i, "msa", f"stages.{i}.msa.{j}."
+            yield i, "msa", f"stages.{i}.msa.{j}.", f"LSAStage_{i}/MSA_Block_{j + 1}"
         for j in range(cfg.qna_depths[i]):
-            yield i, "qna", f"stages.{i}.qna.{j}."
+            yield i, "qna", f"stages.{i}.qna.{j}.", f"QnAStage_{i}/QnA_Block_{j + 1}"
         if i < 3:
-            yield i, "down", f"stages.{i}.downsample."
+            yield i, "down", f"stages.{i}.downsample.", f"QnAStage_{i}/QnA_Block_{cfg.qna_depths[i] + 1}_stride_2"
 
 
 def engine_tensor_shapes(cfg: QnAViTConfig):
     """name -> shape of every tensor a qnalo QnA-ViT weights file holds (docs/format.md)."""
     e, nq = cfg.embed_dim, cfg.n_queries
     shapes = {"stem.weight": (48, e)}
-    for i, kind, p in _block_prefixes(cfg):
+    for i, kind, p, _ in _block_prefixes(cfg):
         c = cfg.stage_dim(i)
         f = 2 * c if kind == "down" else c          # the block's output width
         shapes.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,),
@@ -102,21 +103,10 @@ QNA_LEAVES = (("FusedKQnA_0/Wk", "attn.proj_k.weight", "dense"),
               ("FusedKQnA_0/rpe_bias", "attn.rpb_table", "plain"))
 
 
-def _flax_blocks(cfg):
-    """(Flax block path, engine prefix, kind) of every block, kind 'msa', 'qna' or 'down'."""
-    for i in range(4):
-        for j in range(cfg.msa_depths[i]):
-            yield f"LSAStage_{i}/MSA_Block_{j + 1}", f"stages.{i}.msa.{j}.", "msa"
-        for j in range(cfg.qna_depths[i]):
-            yield f"QnAStage_{i}/QnA_Block_{j + 1}", f"stages.{i}.qna.{j}.", "qna"
-        if i < 3:
-            yield f"QnAStage_{i}/QnA_Block_{cfg.qna_depths[i] + 1}_stride_2", f"stages.{i}.downsample.", "down"
-
-
 def official_layout(cfg):
     """[(Flax path, engine name, kind)] for every tensor of `cfg`; the PyTorch-layout name is the engine name."""
     rows = [("StemBlock_0/conv_1x1/kernel", "stem.weight", "stem")]
-    for flax, engine, kind in _flax_blocks(cfg):
+    for _, kind, engine, flax in _block_prefixes(cfg):
         leaves = [*LN_LEAVES, *MLP_LEAVES, *(MSA_LEAVES if kind == "msa" else QNA_LEAVES)]
         if kind == "down":
             leaves.append(("Conv_0/kernel", "skip.weight", "conv1x1"))
@@ -294,7 +284,7 @@ class QnAViT(Classifier):
         self.stem = Linear(ops, t["stem.weight"], None)
         self.stages = [[] for _ in range(4)]     # blocks before the stride-2 block
         self.downsamples = []
-        for i, kind, p in _block_prefixes(cfg):
+        for i, kind, p, _ in _block_prefixes(cfg):
             if kind == "msa":
                 blk = Block(ops, t, p, WindowMSA(ops, t, p + "attn.", cfg.msa_heads[i], cfg.msa_windows[i]))
             else:
