@@ -140,6 +140,7 @@ rows_cols = dict(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 70), cols=s
 @given(**rows_cols)
 @example(seed=0, rows=3136, cols=64)      # QnA-ViT-tiny stage 0 tokens
 @example(seed=1, rows=49, cols=768)       # LITv2-S stage 3
+@example(seed=19068, rows=24, cols=2)      # row 23: two close values, |mean| >> std (found by hypothesis in CI)
 def test_layernorm_and_fused_residual_match_numpy(cp, seed, rows, cols):
     rng = np.random.default_rng(seed)
     x, y = _rand(rng, rows, cols, scale=3.0), _rand(rng, rows, cols)

@@ -18,9 +18,10 @@ __device__ __forceinline__ void normalise_row(const store_t* x, const store_t* _
         ss += d * d;
     }
     double var = warp_sum(ss) / cols;
-    float inv = (float)(1.0 / sqrt(var + (double)eps));
-    float m = (float)mean;
-    for (int j = lane; j < cols; j += 32) out[j] = st((ld(x[j]) - m) * inv * ld(weight[j]) + ld(bias[j]));
+    double inv = 1.0 / sqrt(var + (double)eps);
+    // centred in double, as the CPU kernel: a float mean loses digits when |mean| >> std (a row of two close values)
+    for (int j = lane; j < cols; j += 32)
+        out[j] = st((float)((ld(x[j]) - mean) * inv) * ld(weight[j]) + ld(bias[j]));
 }
 
 // the row of the calling warp, or -1 past the last (the whole warp leaves together)
