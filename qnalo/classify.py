@@ -13,10 +13,41 @@ import os
 
 import numpy as np
 
+from .errors import InputError
 from .labels import model_labels
 from .preprocess import official_eval
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+
+def weights_folder():
+    """Where `--model NAME` looks for NAME.safetensors: $QNALO_WEIGHTS, else ~/.cache/qnalo."""
+    return os.environ.get("QNALO_WEIGHTS") or os.path.join(os.path.expanduser("~"), ".cache", "qnalo")
+
+
+def named_model(model=None, weights=None, **build):
+    """The model that `--model NAME` / `--weights FILE` name, with real weights (never random ones): a weights
+    file (which must hold variant `model` when both are given), an embedded demo model, or a variant whose
+    converted file is weights_folder()/NAME.safetensors. `build`: create_model's backend, device, dtype."""
+    import qnalo
+    from qnalo import demo
+
+    if weights and model:
+        return qnalo.create_model(model, weights=weights, **build)
+    if weights:
+        return qnalo.load(weights, **build)
+    if not model:
+        raise InputError("no model given; pass --model NAME or --weights FILE (from `qnalo convert`)")
+    if model in demo.DEMO_MODELS:
+        return qnalo.load(demo.demo_path(model), **build)
+    if model not in qnalo.list_models():
+        raise InputError(f"unknown model {model!r}; the demo models are {', '.join(demo.DEMO_MODELS)}, "
+                         f"the variants {', '.join(qnalo.list_models())}")
+    path = os.path.join(weights_folder(), f"{model}.safetensors")
+    if not os.path.exists(path):
+        raise InputError(f"no converted weights for {model} at {path}; convert the official checkpoint there "
+                         f"(`qnalo convert {model}.pth {path}`) or pass --weights FILE")
+    return qnalo.create_model(model, weights=path, **build)
 
 
 def expand_paths(items):

@@ -129,32 +129,24 @@ def _model_summary(model):
             "img_size": model.config.img_size, "classes": model.config.num_classes}
 
 
-def _model_for(args):
-    """The model that --weights / --model name (with real weights: never random ones)."""
+def _check_model_names(args, alternatives="--weights FILE (from `qnalo convert`), --model NAME, or --demo"):
+    """Usage errors (status 2) for a command line that names no model, or a model name that does not exist."""
     import qnalo
     from qnalo import demo
 
-    target = _target(args)
-    if args.weights and args.model:
-        return qnalo.create_model(args.model, weights=args.weights, **target)
-    if args.weights:
-        return qnalo.load(args.weights, **target)
-    if not args.model:
-        raise UsageError("no model given; pass --weights FILE (from `qnalo convert`), --model NAME, or --demo")
-    if args.model in demo.DEMO_MODELS:
-        return qnalo.load(demo.demo_path(args.model), **target)
-    if args.model not in qnalo.list_models():
+    if not args.weights and not args.model:
+        raise UsageError(f"no model given; pass {alternatives}")
+    if args.model and not args.weights and args.model not in demo.DEMO_MODELS + tuple(qnalo.list_models()):
         raise UsageError(f"unknown model {args.model!r}; the demo models are {', '.join(demo.DEMO_MODELS)}, "
                          f"the variants {', '.join(qnalo.list_models())}")
-    path = os.path.join(_weights_folder(), f"{args.model}.safetensors")
-    if not os.path.exists(path):
-        raise InputError(f"no converted weights for {args.model} at {path}; convert the official checkpoint "
-                         f"there (`qnalo convert {args.model}.pth {path}`) or pass --weights FILE")
-    return qnalo.create_model(args.model, weights=path, **target)
 
 
-def _weights_folder():
-    return os.environ.get("QNALO_WEIGHTS") or os.path.join(os.path.expanduser("~"), ".cache", "qnalo")
+def _model_for(args):
+    """The model that --weights / --model name (with real weights: never random ones)."""
+    from qnalo.classify import named_model
+
+    _check_model_names(args)
+    return named_model(args.model, args.weights, **_target(args))
 
 
 def _run_demo(args):
@@ -317,8 +309,59 @@ def _run_bench(args):
     return 0
 
 
+_PREDICT_HELP = ("Predict over a whole image collection on Ray Data and write a Parquet dataset, one file per shard "
+                 "of --rows-per-file inputs; rerunning the same command resumes, skipping the shards written. "
+                 "SOURCE may be image files, folders, globs, a .txt/.lst list of paths or a .parquet/.csv table "
+                 "with a path column, local or any URI pyarrow.fs opens. Needs pip install 'qnalo[ray]'.")
+
+
+def _add_predict_arguments(parser):
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="images, folders, globs, lists or tables")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the output folder (local or a URI)")
+    which = parser.add_argument_group("model (one of --weights or --model)")
+    which.add_argument("--weights", metavar="FILE", help="a qnalo weights file (written by `qnalo convert`)")
+    which.add_argument("--model", metavar="NAME",
+                       help="an embedded demo model (litv2_digits, qna_vit_digits) or a variant name, as in classify")
+    parser.add_argument("--top", type=positive_int, default=DEFAULT_TOP, metavar="K",
+                        help=f"classes per row (default: {DEFAULT_TOP}, or every class of a smaller head)")
+    parser.add_argument("--features", action="store_true", help="add the pooled embedding as a `features` column")
+    parser.add_argument("--logits", action="store_true", help="add the logits as a `logits` column")
+    parser.add_argument("--rows-per-file", type=positive_int, default=1000, metavar="N",
+                        help="inputs per output file, the unit of resume (default: 1000)")
+    parser.add_argument("--workers", type=positive_int, metavar="N",
+                        help="model actors (default: the cluster's CPUs / --threads)")
+    parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                        help="kernel threads per actor, and the CPUs Ray gives it (default: 1)")
+    parser.add_argument("--batch", type=positive_int, default=8, metavar="N", help="images per model call (default: 8)")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="a running Ray cluster (auto, ray://HOST:10001); default: a local Ray for this run")
+    parser.add_argument("--path-column", default="path", metavar="NAME",
+                        help="the column of a .parquet/.csv SOURCE that holds the paths (default: path)")
+
+
+def _run_predict(args):
+    _check_model_names(args, "--model NAME (e.g. qna_vit_digits) or --weights FILE")
+    from qnalo.distributed import predict
+
+    def note(line):
+        report(line.removeprefix("qnalo predict: "))
+    summary = predict(args.sources, args.out, model=args.model, weights=args.weights, top=args.top,
+                      features=args.features, logits=args.logits, rows_per_file=args.rows_per_file,
+                      workers=args.workers, threads_per_worker=args.threads, batch=args.batch,
+                      address=args.address, path_column=args.path_column, report=note)
+    print(f"qnalo predict: {summary['images']} images ({summary['errors']} unreadable), "
+          f"{summary['images_per_s']:.1f} images/s, {summary['seconds']:.1f} s wall; shard files: "
+          f"{summary['shards_written']} written, {summary['shards_skipped']} already there, in {args.out}")
+    failed = summary["errors"] + summary["not_found"]
+    if failed:
+        report(f"{failed} inputs could not be read (see the `error` column)" if summary["errors"] else
+               f"{failed} sources named nothing")
+    return 1 if failed else 0
+
+
 _SUBCOMMANDS = {
     "classify": (_CLASSIFY_HELP, _add_classify_arguments, _run_classify),
+    "predict": (_PREDICT_HELP, _add_predict_arguments, _run_predict),
     "convert": (CONVERT_HELP, add_convert_arguments, run_convert),
     "info": (_INFO_HELP, _add_info_arguments, _run_info),
     "bench": (_BENCH_HELP, _add_bench_arguments, _run_bench),

@@ -99,7 +99,8 @@ def test_readme_gpu_examples_run_on_cuda(example_folder, cuda_cupy, tmp_path, mo
     from qnalo.weights_converter.convert import convert
     from tolerances import assert_logits_close
     for name in os.listdir(example_folder):
-        if not name.endswith(".safetensors"):    # a copy of the folder, whatever the other test wrote into it
+        # a copy of the folder's files, whatever the other test wrote into it (files and folders)
+        if not name.endswith(".safetensors") and os.path.isfile(example_folder / name):
             shutil.copyfile(example_folder / name, tmp_path / name)
     convert(str(tmp_path / "litv2_s.pth"), str(tmp_path / "litv2_s.safetensors"))
     monkeypatch.chdir(tmp_path)

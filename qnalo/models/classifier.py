@@ -77,23 +77,34 @@ class Classifier:
                              f"pass, and {gib(free)} of memory is available; use a smaller batch or resolution "
                              "(QNALO_MEMORY_LIMIT=BYTES sets the limit qnalo checks against)")
 
-    def forward_head(self, tokens, b):
-        """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
+    def pool(self, tokens, b):
+        """Final tokens (B*N, C) -> the pooled embedding (B, C): LayerNorm -> mean over tokens."""
         normed = self._ops.layernorm(tokens, self.norm.weight, self.norm.bias, self.LN_EPS,
                                      self._ops.xp.empty_like(tokens))
-        pooled = normed.reshape(b, -1, normed.shape[1]).mean(axis=1, dtype=np.float64).astype(self._ops.dtype)
-        return self.head.matmul(pooled) + self.head.bias
+        return normed.reshape(b, -1, normed.shape[1]).mean(axis=1, dtype=np.float64).astype(self._ops.dtype)
+
+    def forward_head(self, tokens, b):
+        """Final tokens (B*N, C) -> logits (B, num_classes): LayerNorm -> mean over tokens -> Linear."""
+        return self.head.matmul(self.pool(tokens, b)) + self.head.bias
 
     def __call__(self, x):
         """x (B, 3, H, W) float32 -> logits (B, num_classes) float32."""
+        return self.forward_pooled(x)[1]
+
+    def forward_pooled(self, x):
+        """x (B, 3, H, W) float32 -> (the pooled embedding (B, C) the head reads, logits (B, num_classes))."""
         if not self.config.num_classes:
             raise InputError(self.NO_HEAD)
         x, to_caller = self._input(x)
-        if x.shape[0] == 0:
-            return to_caller(self._ops.xp.zeros((0, self.config.num_classes), self._ops.dtype))
+        b = x.shape[0]
+        if b == 0:
+            xp = self._ops.xp
+            return (to_caller(xp.zeros((0, self.config.stage_dim(3)), self._ops.dtype)),
+                    to_caller(xp.zeros((0, self.config.num_classes), self._ops.dtype)))
         for tokens, _, _ in self._stages(x, keep_early=False):
             pass
-        return to_caller(self.forward_head(tokens, x.shape[0]))
+        pooled = self.pool(tokens, b)
+        return to_caller(pooled), to_caller(self.head.matmul(pooled) + self.head.bias)
 
 
 def _same(a):
