@@ -50,11 +50,27 @@ def _is_uri(path):
 
 
 def _filesystem(path):
-    """(pyarrow filesystem, path inside it) for a local path or a URI (s3://, gs://, file://, ...)."""
+    """(pyarrow filesystem, path inside it) for a local path or a URI: the schemes pyarrow.fs knows (file, s3,
+    gs, hdfs, ...), else any fsspec knows (where fsspec and its implementation are installed)."""
     from pyarrow import fs
-    if _is_uri(path):
+    if not _is_uri(path):
+        return fs.LocalFileSystem(), os.path.abspath(path)
+    try:
         return fs.FileSystem.from_uri(path)
-    return fs.LocalFileSystem(), os.path.abspath(path)
+    except (pyarrow_errors(), ValueError) as exc:
+        try:
+            import fsspec
+            from fsspec.core import split_protocol
+            protocol, inner = split_protocol(path)
+            return fs.PyFileSystem(fs.FSSpecHandler(fsspec.filesystem(protocol))), inner
+        except (ImportError, ValueError) as fsspec_error:
+            raise InputError(f"{path}: no filesystem for this URI in pyarrow.fs ({exc}) or fsspec "
+                             f"({fsspec_error})") from None
+
+
+def pyarrow_errors():
+    import pyarrow
+    return pyarrow.ArrowInvalid
 
 
 def _read_table_paths(source, column):

@@ -112,6 +112,25 @@ def test_list_inputs_reads_lists_tables_folders_and_globs(tmp_path, corpus):
         list_inputs([str(tmp_path / "table.parquet")])
 
 
+def test_uris_are_listed_and_read_through_pyarrow_fs_and_fsspec(corpus):
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    png = (corpus / "a" / "img0001.png").read_bytes()
+    memory.pipe("/qnalo-test/x/one.png", png)
+    memory.pipe("/qnalo-test/x/notes.md", b"not listed: not an image extension")
+    memory.pipe("/qnalo-test/list.txt", b"memory://qnalo-test/x/one.png\n")
+    paths, problems = list_inputs(["memory://qnalo-test/x", "memory://qnalo-test/list.txt",
+                                   "memory://qnalo-test/none", f"file://{corpus}/b/img0000.jpg"])
+    assert paths == ["memory:///qnalo-test/x/one.png", "memory://qnalo-test/x/one.png",
+                     f"file://{corpus}/b/img0000.jpg"]
+    assert problems == [("memory://qnalo-test/none", "no such file or folder")]
+    rows = Predictor(model=MODEL, top=2).predict(paths + [str(corpus / "a" / "img0001.png")], paths + [
+        str(corpus / "a" / "img0001.png")]).to_pylist()
+    assert all(r["error"] is None for r in rows) and rows[0]["top_prob"] == rows[3]["top_prob"]
+    with pytest.raises(InputError, match="no filesystem for this URI"):
+        list_inputs(["nosuchscheme://x"])
+
+
 def test_predictor_matches_the_model_and_gives_error_rows(corpus):
     import qnalo
     from qnalo import demo
