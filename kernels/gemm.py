@@ -363,23 +363,31 @@ gemm_tiles = GEMM_BLOCKS[HAS_AVX512]   # the kernel this CPU runs (and the kerne
 SPLIT_ROWS_FROM = 512
 
 
-def matmul(x, weight: PackedWeight, out=None):
-    """x (M, K) float32, rows of any stride -> x @ w (M, N) float32, into `out` (contiguous rows) when given."""
+def checked_output(name, x, shape, out):
+    """The output of GEMM `name` of x (M, K) float32 with contiguous rows and a (K, N) weight of `shape`: `out`
+    checked, or a new one; ValueError saying what does not fit. Filled with 0 already when K = 0."""
     m, k = x.shape
-    n = weight.shape[1]
-    if weight.shape[0] != k:
-        raise ValueError(f"matmul: x has {k} columns but the weight has {weight.shape[0]} rows")
+    n = shape[1]
+    if shape[0] != k:
+        raise ValueError(f"{name}: x has {k} columns but the weight has {shape[0]} rows")
     if x.dtype != np.float32 or (x.size and k > 1 and x.strides[1] != 4):
-        raise ValueError(f"matmul: x must be float32 with contiguous rows, got {x.dtype} strides {x.strides}")
+        raise ValueError(f"{name}: x must be float32 with contiguous rows, got {x.dtype} strides {x.strides}")
     if out is None:
         out = aligned_empty((m, n))
     elif out.shape != (m, n) or out.dtype != np.float32 or (out.size and n > 1 and out.strides[1] != 4):
-        raise ValueError(f"matmul: out must be float32 ({m}, {n}) with contiguous rows, got {out.dtype} "
+        raise ValueError(f"{name}: out must be float32 ({m}, {n}) with contiguous rows, got {out.dtype} "
                          f"{out.shape} strides {out.strides}")
-    if m == 0:
-        return out
     if k == 0:
         out[...] = 0.0
+    return out
+
+
+def matmul(x, weight: PackedWeight, out=None):
+    """x (M, K) float32, rows of any stride -> x @ w (M, N) float32, into `out` (contiguous rows) when given."""
+    out = checked_output("matmul", x, weight.shape, out)
+    m, k = x.shape
+    n = weight.shape[1]
+    if m == 0 or k == 0:
         return out
     panels = weight.panels
     p = panels.shape[0]

@@ -26,6 +26,18 @@ def _host_has_avx512():
 
 HAS_AVX512 = _host_has_avx512()
 
+
+def _host_has_avx512_bf16():
+    """Whether the code Numba generates here may use vdpbf16ps (AVX512_BF16; NUMBA_CPU_FEATURES, when set,
+    decides)."""
+    if nb.config.CPU_FEATURES:
+        return "+avx512bf16" in nb.config.CPU_FEATURES.split(",")
+    import llvmlite.binding as llvm
+    return bool(llvm.get_host_cpu_features().get("avx512bf16"))
+
+
+HAS_AVX512_BF16 = _host_has_avx512_bf16()
+
 # Cephes expf (softmax.exp_inplace, wexp): exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r by a
 # degree-7 polynomial. Relative error < 3e-7 on [-87, 88] (measured on a 1e6-point grid against float64 exp).
 EXP_MIN = np.float32(-87.0)   # below it the result underflows to (almost) 0 anyway
@@ -96,6 +108,14 @@ if nb.config.DISABLE_JIT:
 
     def wsplat(x):
         return np.full(WIDE_LANES, x, np.float32)
+
+    def wdpbf16(acc, a, b):
+        pairs_a, pairs_b = (np.asarray(v, np.float32).view(np.uint32) for v in (a, b))
+        for half in (16, 0):   # the odd (high) products first, as vdpbf16ps adds them
+            hi_a = ((pairs_a >> half) << 16).astype(np.uint32).view(np.float32)
+            hi_b = ((pairs_b >> half) << 16).astype(np.uint32).view(np.float32)
+            acc = (acc + hi_a * hi_b).astype(np.float32)
+        return acc
 
     def wsum_lanes(a):
         while len(a) > 1:
@@ -300,6 +320,27 @@ else:
                                    ir.Constant(i32x16, [23] * WIDE_LANES))
             return builder.fmul(y, builder.bitcast(exponent, _V16))
         return vec16(a), codegen
+
+    class _BFloatType(ir.types._BaseFloatType):   # llvmlite's IR has no bfloat type; LLVM's dpbf16ps takes it
+        null = "0.0"
+        intrinsic_name = "bf16"
+
+        def __str__(self):
+            return "bfloat"
+
+    _BFloatType._create_instance()
+    _BF16x32 = ir.VectorType(_BFloatType(), 2 * WIDE_LANES)
+
+    @intrinsic
+    def wdpbf16(typingctx, acc, a, b):
+        """vdpbf16ps: each lane of acc plus the two products of the bfloat16 pairs in a's and b's lanes (the
+        lanes hold the pairs' bits, the even element in the low half), each added with one rounding, the odd
+        one first; bfloat16 subnormals count as 0 (AVX512_BF16 CPUs only)."""
+        def codegen(context, builder, sig, args):
+            fn = builder.module.declare_intrinsic("llvm.x86.avx512bf16.dpbf16ps.512",
+                                                  fnty=ir.FunctionType(_V16, [_V16, _BF16x32, _BF16x32]))
+            return builder.call(fn, [args[0], builder.bitcast(args[1], _BF16x32), builder.bitcast(args[2], _BF16x32)])
+        return vec16(acc, a, b), codegen
 
     @intrinsic
     def wsplat(typingctx, x):

@@ -92,15 +92,15 @@ def load(path, backend="numba", device="cpu", dtype="float32"):
 
 
 def _check_target(backend, device, dtype):
-    get_ops(backend)
-    check_dtype(device, dtype)
+    dtype = check_dtype(device, dtype)
+    get_ops(backend, dtype if device == "cpu" else "float32")   # bfloat16 on a CPU without it: says so
     if device != "cpu":
         device_ops(device, dtype)   # no CuPy, no GPU, an unknown device: an InputError that says so
 
 
 def _build(model_cls, config, tensors, backend, device, dtype, source):
     if device == "cpu":
-        return model_cls(config, tensors, backend=backend, source=source)
+        return model_cls(config, tensors, backend=backend, source=source, dtype=check_dtype(device, dtype))
     # built on the plain reference ops (no CPU packing or kernel warm-up), then moved; `backend` is what
     # model.to("cpu") will use
     model = model_cls(config, tensors, backend="numpy", source=source)

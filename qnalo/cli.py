@@ -53,8 +53,10 @@ def _add_target_arguments(parser):
                         help="kernel threads (default: QNALO_NUM_THREADS, else every CPU this process may use)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model runs (default: cpu; cuda needs CuPy and an NVIDIA GPU)")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="storage type of weights and activations (default: float32; float16: --device cuda)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="default: float32; bfloat16 (CPUs with AVX512_BF16): weights and GEMM inputs rounded to "
+                             "bfloat16, float32 accumulation; float16 (--device cuda): weights and activations "
+                             "stored in half precision")
 
 
 def _target(args):
@@ -157,7 +159,7 @@ def _run_demo(args):
         print(f"qnalo classify --demo: two small models trained in PyTorch on scikit-learn's handwritten digits "
               f"(seed {manifest['seed']}), converted with `qnalo convert`; {manifest['heldout_count']} held-out "
               f"digits, each through its family's official preprocessing at {demo.IMG_SIZE}x{demo.IMG_SIZE}"
-              + ("" if args.device == "cpu" else f"; on {args.device}, {args.dtype}"))
+              + ("" if (args.device, args.dtype) == ("cpu", "float32") else f"; on {args.device}, {args.dtype}"))
     failed = False
     reports = []
     for name in demo.DEMO_MODELS:

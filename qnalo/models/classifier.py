@@ -16,17 +16,18 @@ class Classifier:
     and _stages(x, keep_early) yielding (tokens (B*h*w, C), h, w) per stage, the last being the output, and
     _parts(): the parts the model owns, each with to(mover) (parts.Mover)."""
 
-    def _setup(self, cfg, tensors, backend, source, check_tensors):
-        """Checks the tensors against cfg, sets config, source, backend, _ops and (numba backend) warms the
-        kernels up; returns the tensors as read-only float32 C-contiguous arrays (views of the given ones
-        where they already are)."""
+    def _setup(self, cfg, tensors, backend, source, check_tensors, dtype="float32"):
+        """Checks the tensors against cfg, sets config, source, backend, dtype (float32, or bfloat16: the GEMMs
+        on bfloat16 inputs), _ops and (numba backend) warms the kernels up; returns the tensors as read-only
+        float32 C-contiguous arrays (views of the given ones where they already are)."""
         check_tensors(tensors, cfg)
         self.config = cfg
         self.source = source or {}
         self.backend = backend
-        self._ops = get_ops(backend)
+        self.dtype = dtype
+        self._ops = get_ops(backend, dtype)
         if backend == "numba" and not _jit.nb.config.DISABLE_JIT:   # without the JIT there is nothing to load
-            warm_up(type(self), cfg)
+            warm_up(type(self), cfg, dtype)
         return engine_arrays(tensors)
 
     def warm_up_side(self):
@@ -35,12 +36,14 @@ class Classifier:
 
     device = "cpu"
 
-    dtype = "float32"   # what the model stores its weights and activations in (float16: device="cuda" only)
+    dtype = "float32"   # float16 (device="cuda"): weights and activations stored so; bfloat16 (CPU): GEMM inputs
 
     def to(self, device, dtype="float32"):
         """Moves the model to `device` ("cpu", or "cuda": the CUDA kernels on CuPy arrays) and returns it. Its
         weights are copied there (and re-packed for the CPU's GEMM on the way back). dtype="float16" (CUDA)
-        stores weights and activations in half precision; every kernel still computes in float32."""
+        stores weights and activations in half precision; every kernel still computes in float32.
+        dtype="bfloat16" (CPU) packs the weights as bfloat16 and rounds the GEMMs' inputs to it, accumulating in
+        float32; a bfloat16 model is not converted back (its weights are rounded): load it again instead."""
         return move_to(self, device, dtype)
 
     def _input(self, x):

@@ -258,8 +258,8 @@ class LITv2(Classifier):
                "checkpoint) and has no classification head; call model.forward_features(x)")
     min_size = 29   # the smallest side whose stage-3 map is non-empty: ceil(29/4) = 8 -> 4 -> 2 -> 1
 
-    def __init__(self, cfg: LITv2Config, tensors, backend="numba", source=None):
-        t = self._setup(cfg, tensors, backend, source, check_tensors)
+    def __init__(self, cfg: LITv2Config, tensors, backend="numba", source=None, dtype="float32"):
+        t = self._setup(cfg, tensors, backend, source, check_tensors, dtype)
         self.patch = Linear(self._ops, t["patch_embed.proj.weight"], t["patch_embed.proj.bias"])
         self.patch_norm = Norm(t, "patch_embed.norm")
         self.stages = [[Block(self._ops, t, f"layers.{i}.blocks.{j}.", cfg, i) for j in range(cfg.depths[i])]

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from qnalo.errors import InputError
-from qnalo.kernels import deform_conv, dwconv_gelu, gelu, gelu_tanh, gemm, hilo, layernorm, qna, window_msa
+from qnalo.kernels import (deform_conv, dwconv_gelu, gelu, gelu_tanh, gemm, gemm_bf16, hilo, layernorm, qna,
+                           simd, window_msa)
 
 # Each kernel module declares its ops: name -> (NumPy reference, Numba kernel), one signature for both.
 KERNEL_MODULES = (gemm, layernorm, gelu, gelu_tanh, dwconv_gelu, deform_conv, hilo, qna, window_msa)
@@ -35,12 +36,23 @@ NUMPY = SimpleNamespace(xp=np, dtype=np.float32, to_device=np.asarray, to_host=n
 
 BACKENDS = {"numba": NUMBA, "numpy": NUMPY}
 
+# dtype="bfloat16" on the CPU: the same op sets with the bfloat16 GEMM (kernels/gemm_bf16.py: weights packed as
+# bfloat16 once, GEMM inputs rounded to bfloat16, float32 accumulation); every other op stays float32.
+BF16_BACKENDS = {name: SimpleNamespace(**{**vars(ops), **{op: pair[which] for op, pair in gemm_bf16.OPS.items()}})
+                 for (name, ops), which in zip(BACKENDS.items(), (1, 0))}
 
-def get_ops(backend):
-    try:
-        return BACKENDS[backend]
-    except KeyError:
-        raise InputError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
+
+def get_ops(backend, dtype="float32"):
+    """The CPU op set of `backend` ("numba" or "numpy") computing its GEMMs in `dtype` (float32 or bfloat16)."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    if dtype == "bfloat16":
+        if backend == "numba" and not simd.HAS_AVX512_BF16:
+            raise InputError("dtype='bfloat16' on the CPU needs the AVX512_BF16 instructions (vdpbf16ps: Intel "
+                             "Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later), which this CPU does not "
+                             "have; use dtype='float32' (or backend='numpy' for the bfloat16 reference)")
+        return BF16_BACKENDS[backend]
+    return BACKENDS[backend]
 
 
 def _cuda(dtype):
@@ -88,14 +100,16 @@ def device_ops(device, dtype="float32"):
 
 def check_dtype(device, dtype):
     """dtype's name, if `device` can store it; an InputError that says what can, otherwise."""
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     if name == "bfloat16":
-        raise InputError("dtype='bfloat16' is not available: CuPy has no bfloat16 arrays; use dtype='float16' "
-                         "(the same float32 arithmetic, half the memory traffic)")
+        if device != "cpu":
+            raise InputError("dtype='bfloat16' runs on device='cpu' only: CuPy has no bfloat16 arrays; use "
+                             "dtype='float16' on CUDA (the same float32 arithmetic, half the memory traffic)")
+        return name
     if name not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose 'float32' or 'float16'")
-    if name != "float32" and device == "cpu":
-        raise InputError(f"dtype={name!r} runs on device='cuda' only; the CPU kernels are float32")
+        raise InputError(f"unknown dtype {dtype!r}; choose 'float32', 'bfloat16' (CPU) or 'float16' (CUDA)")
+    if name == "float16" and device == "cpu":
+        raise InputError("dtype='float16' runs on device='cuda' only; on the CPU choose 'float32' or 'bfloat16'")
     return name
 
 

@@ -3,6 +3,7 @@ the read-only float32 view of a part's weights, and moving a part's arrays betwe
 to(mover), which moves the arrays it holds and calls to() on the parts it owns (each part has one owner)."""
 import numpy as np
 
+from ..errors import InputError
 from ..weights import release_pages
 from .ops import check_dtype, device_ops, get_ops
 
@@ -43,7 +44,10 @@ def move_to(holder, device, dtype):
     _parts()): its parts' arrays copied to the device's op set, which it then runs on. Returns holder."""
     dtype = check_dtype(device, dtype)
     if (device, dtype) != (holder.device, holder.dtype):
-        ops = get_ops(holder.backend) if device == "cpu" else device_ops(device, dtype)
+        if holder.dtype == "bfloat16":
+            raise InputError("this model holds its weights rounded to bfloat16; load it again with the dtype "
+                             f"wanted (dtype={dtype!r}) rather than converting the rounded weights")
+        ops = get_ops(holder.backend, dtype) if device == "cpu" else device_ops(device, dtype)
         Mover(holder._ops, ops).parts(*holder._parts())
         holder._ops, holder.device, holder.dtype = ops, device, dtype
     return holder

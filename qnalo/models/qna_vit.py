@@ -278,8 +278,8 @@ class QnAViT(Classifier):
     NO_HEAD = ("this model is a backbone without a classification head (num_classes 0); "
                "call model.forward_features(x)")
 
-    def __init__(self, cfg: QnAViTConfig, tensors, backend="numba", source=None):
-        t = self._setup(cfg, tensors, backend, source, check_tensors)
+    def __init__(self, cfg: QnAViTConfig, tensors, backend="numba", source=None, dtype="float32"):
+        t = self._setup(cfg, tensors, backend, source, check_tensors, dtype)
         ops = self._ops
         self.stem = Linear(ops, t["stem.weight"], None)
         self.stages = [[] for _ in range(4)]     # blocks before the stride-2 block

@@ -1,0 +1,188 @@
+"""bfloat16 GEMM: y (M, N) float32 = bf16(x) @ bf16(w), the products of bfloat16 pairs accumulated in float32
+by vdpbf16ps (AVX512_BF16: Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later).
+
+Rounding happens in exactly two places, both round-to-nearest-even (NaN stays NaN): the weight once, when it
+is packed at load time, and each activation row as the GEMM reads it. A bfloat16 product is exact in float32,
+so the only other rounding is the float32 accumulation, one rounding per product as vdpbf16ps adds them (the
+odd element of each pair first); bfloat16 subnormals (|v| < 1.2e-38) count as 0.
+
+Layouts (float32 arrays that hold the bits of bfloat16 pairs, the even k in the low 16 bits):
+* weight panels (P, K2, 16), K2 = ceil(K / 2), P = ceil(N / 16): panel p, pair kk, column j holds
+  (w[2kk, 16p + j], w[2kk + 1, 16p + j]), zero-padded past K and N;
+* x pairs (M6, K2), M6 = M rounded up to 6 rows: (x[i, 2kk], x[i, 2kk + 1]), made per call.
+
+The tile is the float32 GEMM's 6x32 (two panels, twelve 16-lane accumulators) with one vdpbf16ps per pair of
+k where the float32 tile has one FMA per k: twice the products per instruction. Rows are taken in blocks of
+MC that stay in L2 while every panel pair passes over them.
+
+The NumPy reference, matmul_bf16_ref, rounds x and w the same way and sums the exact products in float64:
+the kernel differs from it by the float32 accumulation only."""
+import numpy as np
+
+from . import threads
+from ._jit import kernel
+from .gemm import MR, NR, _wide_store, aligned_empty, checked_output
+from .simd import HAS_AVX512_BF16, wbroadcast, wdpbf16, wload, wzero
+from .threads import split_rows
+
+MC = 120                # rows of x pairs (at most 120 x 768 x 4 B = 360 KiB) that stay in L2 per block
+SPLIT_ROWS_FROM = 512   # from this many rows the threads split the rows, below it the panels (as gemm.py)
+
+
+def to_bfloat16_bits(x):
+    """float32 values -> their bfloat16 bits (uint16), rounded to nearest even; a NaN stays a (quiet) NaN."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+
+
+def round_to_bfloat16(x):
+    """float32 values rounded to bfloat16 (nearest even), as float32."""
+    return (to_bfloat16_bits(x).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _flush_subnormals(v):
+    return np.where(np.abs(v) < np.finfo(np.float32).tiny, np.float32(0.0), v)
+
+
+def matmul_bf16_ref(x, w, out=None):
+    """The reference: bf16(x) (M, K) @ bf16(w) (K, N), products and sums in float64 -> (M, N) float32."""
+    product = _flush_subnormals(round_to_bfloat16(x)).astype(np.float64) @ \
+        _flush_subnormals(round_to_bfloat16(w)).astype(np.float64)
+    if out is None:
+        return product.astype(np.float32)
+    out[...] = product
+    return out
+
+
+def _pairs(bits_even, bits_odd):
+    """Two uint16 arrays of bfloat16 bits -> the float32 array holding them as pairs."""
+    return (bits_even.astype(np.uint32) | (bits_odd.astype(np.uint32) << np.uint32(16))).view(np.float32)
+
+
+class PackedWeightBF16:
+    """A (K, N) float32 weight rounded to bfloat16 and packed into (P, K2, 16) panels of pairs (half the
+    float32 weight's bytes)."""
+
+    def __init__(self, w):
+        k, n = w.shape
+        k2, p = -(-k // 2), -(-n // NR)
+        bits = np.zeros((2 * k2, p * NR), np.uint16)
+        bits[:k, :n] = to_bfloat16_bits(w)
+        self.panels = aligned_empty((p, k2, NR))
+        self.panels[...] = _pairs(bits[0::2], bits[1::2]).reshape(k2, p, NR).transpose(1, 0, 2)
+        self.shape = (k, n)
+
+    def unpack(self):
+        """The weight as float32 (its bfloat16 values: the rounding is not undone)."""
+        k, n = self.shape
+        bits = self.panels.view(np.uint32).transpose(1, 0, 2).reshape(-1, self.panels.shape[0] * NR)
+        both = np.stack([bits & np.uint32(0xFFFF), bits >> np.uint32(16)], axis=1).reshape(-1, bits.shape[1])
+        return (both.astype(np.uint32) << np.uint32(16)).view(np.float32)[:k, :n]
+
+
+@kernel()
+def _x_pairs(x, start, stop, out):
+    """Rows start..stop of out (M6, K2) <- x's rows as rounded bfloat16 pairs; rows past x's and the odd last
+    k are zero."""
+    m, k = x.shape
+    k2 = out.shape[1]
+    pairs = out.view(np.uint32)
+    row = np.zeros(2 * k2, np.float32)
+    bits = row.view(np.uint32)
+    for i in range(start, stop):
+        if i >= m:
+            for kk in range(k2):
+                pairs[i, kk] = 0
+            continue
+        for kx in range(k):
+            row[kx] = x[i, kx]
+        for kk in range(k2):
+            pair = np.uint32(0)
+            for half in range(2):
+                v = bits[2 * kk + half]
+                if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                    b = (v >> np.uint32(16)) | np.uint32(0x40)
+                else:
+                    b = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                pair |= (b & np.uint32(0xFFFF)) << np.uint32(16 * half)
+            pairs[i, kk] = pair
+
+
+@kernel()
+def _bf16_tile(xp, ia, k2, panels, ib, ib2):
+    """The 6x32 tile: rows at xp.flat[ia + r*k2] (pairs) times the panels at ib and ib2, over k2 pairs."""
+    z = wzero()
+    a0 = a1 = a2 = a3 = a4 = a5 = z
+    c0 = c1 = c2 = c3 = c4 = c5 = z
+    for kk in range(k2):
+        b0 = wload(panels, ib + kk * NR)
+        b1 = wload(panels, ib2 + kk * NR)
+        x = wbroadcast(xp, ia + kk)
+        a0, c0 = wdpbf16(a0, x, b0), wdpbf16(c0, x, b1)
+        x = wbroadcast(xp, ia + k2 + kk)
+        a1, c1 = wdpbf16(a1, x, b0), wdpbf16(c1, x, b1)
+        x = wbroadcast(xp, ia + 2 * k2 + kk)
+        a2, c2 = wdpbf16(a2, x, b0), wdpbf16(c2, x, b1)
+        x = wbroadcast(xp, ia + 3 * k2 + kk)
+        a3, c3 = wdpbf16(a3, x, b0), wdpbf16(c3, x, b1)
+        x = wbroadcast(xp, ia + 4 * k2 + kk)
+        a4, c4 = wdpbf16(a4, x, b0), wdpbf16(c4, x, b1)
+        x = wbroadcast(xp, ia + 5 * k2 + kk)
+        a5, c5 = wdpbf16(a5, x, b0), wdpbf16(c5, x, b1)
+    return (a0, c0, a1, c1, a2, c2, a3, c3, a4, c4, a5, c5)
+
+
+@kernel()   # compiled when first used: only a bfloat16 model on an AVX512_BF16 CPU runs it
+def gemm_bf16_tiles(xp, panels, y, m, m0, m1, p0, p1):
+    """y[m0:m1 (clipped to m), panels p0:p1] = x pairs [m0:m1] @ the packed weight, by pairs of panels (a last
+    single panel fills both halves of the tile, the second dropped); m0 is a multiple of 6."""
+    k2 = xp.shape[1]
+    n = y.shape[1]
+    scratch = np.empty(MR * 2 * NR, np.float32)
+    for i0 in range(m0, m1, MC):
+        i1 = min(i0 + MC, m1)
+        for p in range(p0, p1, 2):
+            ib = p * k2 * NR
+            ib2 = ib + k2 * NR if p + 1 < p1 else ib
+            cols = min(2 * NR if p + 1 < p1 else NR, n - p * NR)
+            for row in range(i0, i1, MR):
+                rows = min(MR, m - row)
+                if rows <= 0:
+                    break
+                acc = _bf16_tile(xp, row * k2, k2, panels, ib, ib2)
+                _wide_store(y, row, p * NR, acc, rows, cols, False, scratch)
+
+
+def matmul_bf16(x, weight: PackedWeightBF16, out=None):
+    """x (M, K) float32, rows of any stride (columns contiguous) -> bf16(x) @ bf16(w) (M, N) float32, into
+    `out` (contiguous rows) when given."""
+    if not HAS_AVX512_BF16:
+        raise RuntimeError("matmul_bf16 needs a CPU with AVX512_BF16 (vdpbf16ps)")
+    out = checked_output("matmul_bf16", x, weight.shape, out)
+    m, k = x.shape
+    n = weight.shape[1]
+    if m == 0 or k == 0:
+        return out
+    tiles = -(-m // MR)
+    xp = aligned_empty((tiles * MR, -(-k // 2)))
+    split_rows(lambda s, e: _x_pairs(x, s * MR, e * MR, xp), tiles, MR * k * 4)
+    panels = weight.panels
+    p = panels.shape[0]
+    if m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS:
+        split_rows(lambda s, e: gemm_bf16_tiles(xp, panels, out, m, s * MR, e * MR, 0, p), tiles, MR * k * n)
+    else:
+        pairs = -(-p // 2)
+        split_rows(lambda s, e: gemm_bf16_tiles(xp, panels, out, m, 0, tiles * MR, 2 * s, min(2 * e, p)), pairs,
+                   m * k * 2 * NR)
+    return out
+
+
+def _unpacked(w):
+    return w
+
+
+# op name -> (NumPy reference, Numba kernel) of the bfloat16 op set (qnalo.models.ops: dtype="bfloat16" on the
+# CPU replaces the float32 GEMM's ops by these; every other op stays float32).
+OPS = {"matmul": (matmul_bf16_ref, matmul_bf16), "pack_weight": (_unpacked, PackedWeightBF16)}
