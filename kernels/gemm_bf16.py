@@ -7,26 +7,33 @@ so the only other rounding is the float32 accumulation, one rounding per product
 odd element of each pair first); bfloat16 subnormals (|v| < 1.2e-38) count as 0.
 
 Layouts (float32 arrays that hold the bits of bfloat16 pairs, the even k in the low 16 bits):
-* weight panels (P, K2, 16), K2 = ceil(K / 2), P = ceil(N / 16): panel p, pair kk, column j holds
-  (w[2kk, 16p + j], w[2kk + 1, 16p + j]), zero-padded past K and N;
-* x pairs (M6, K2), M6 = M rounded up to 6 rows: (x[i, 2kk], x[i, 2kk + 1]), made per call.
+* weight panels (P, K2, 16), K2 = ceil(K / 2) rounded up to 16, P = ceil(N / 16) rounded up to 2: panel p,
+  pair kk, column j holds (w[2kk, 16p + j], w[2kk + 1, 16p + j]), zero-padded past K and N;
+* x pairs (M', K2), M' = M rounded up to 32 rows, plus 6: (x[i, 2kk], x[i, 2kk + 1]), zero past x; made per
+  call.
 
-The tile is the float32 GEMM's 6x32 (two panels, twelve 16-lane accumulators) with one vdpbf16ps per pair of
-k where the float32 tile has one FMA per k: twice the products per instruction. Rows are taken in blocks of
-MC that stay in L2 while every panel pair passes over them.
+On a CPU with AMX-BF16 (Intel Sapphire Rapids and later; kernels/amx.py) a 32x32 block of y is four 16x16
+float32 tiles, each step of 16 pairs two tdpbf16ps-fed x tiles and two weight tiles: the panels already are
+AMX's pair-interleaved layout, so K2 is padded to whole steps of 16 pairs and P to pairs of panels at packing.
+Elsewhere the tile is the float32 GEMM's 6x32 (two panels, twelve 16-lane accumulators) with one vdpbf16ps
+per pair of k where the float32 tile has one FMA per k. Rows are taken in blocks that stay in L2 while every
+panel pair passes over them.
 
 The NumPy reference, matmul_bf16_ref, rounds x and w the same way and sums the exact products in float64:
 the kernel differs from it by the float32 accumulation only."""
 import numpy as np
 
-from . import threads
+from . import amx, threads
 from ._jit import kernel
-from .gemm import MR, NR, _wide_store, aligned_empty, checked_output
+from .gemm import MR, NR, _copy_edge, _wide_store, aligned_empty, checked_output
 from .simd import HAS_AVX512_BF16, wbroadcast, wdpbf16, wload, wzero
 from .threads import split_rows
 
 MC = 120                # rows of x pairs (at most 120 x 768 x 4 B = 360 KiB) that stay in L2 per block
+AMX_BLOCK = 32          # rows and columns of y per block of four AMX tiles
+K_STEP = 16             # pairs of k per AMX tile
 SPLIT_ROWS_FROM = 512   # from this many rows the threads split the rows, below it the panels (as gemm.py)
+TILE_CONFIG = amx.tile_config_bytes()
 
 
 def to_bfloat16_bits(x):
@@ -67,7 +74,7 @@ class PackedWeightBF16:
 
     def __init__(self, w):
         k, n = w.shape
-        k2, p = -(-k // 2), -(-n // NR)
+        k2, p = -(-k // (2 * K_STEP)) * K_STEP, -(-n // (2 * NR)) * 2
         bits = np.zeros((2 * k2, p * NR), np.uint16)
         bits[:k, :n] = to_bfloat16_bits(w)
         self.panels = aligned_empty((p, k2, NR))
@@ -134,7 +141,49 @@ def _bf16_tile(xp, ia, k2, panels, ib, ib2):
     return (a0, c0, a1, c1, a2, c2, a3, c3, a4, c4, a5, c5)
 
 
-@kernel()   # compiled when first used: only a bfloat16 model on an AVX512_BF16 CPU runs it
+@kernel()   # compiled when first used: only a bfloat16 model on an AMX-BF16 CPU runs it
+def gemm_amx_blocks(cfg, xp, panels, y, m, m0, m1, p0, p1):
+    """y[m0:m1 (clipped to m), panels p0:p1] = x pairs [m0:m1] @ the packed weight by 32x32 blocks of four
+    AMX tiles; m0 is a multiple of 32 and p0 even. A block past y's edge goes through scratch."""
+    amx.tile_config(cfg)
+    k2 = xp.shape[1]
+    n = y.shape[1]
+    ldx, ldy = k2 * 4, y.strides[0]
+    scratch = np.empty(AMX_BLOCK * AMX_BLOCK, np.float32)
+    for i0 in range(m0, m1, 4 * AMX_BLOCK):
+        for p in range(p0, p1, 2):
+            w0, w1 = p * k2 * NR, (p + 1) * k2 * NR
+            for i in range(i0, min(i0 + 4 * AMX_BLOCK, m1), AMX_BLOCK):
+                amx.zero_y00()
+                amx.zero_y01()
+                amx.zero_y10()
+                amx.zero_y11()
+                for kk in range(0, k2, K_STEP):
+                    amx.load_x0(xp, i * k2 + kk, ldx)
+                    amx.load_x1(xp, (i + 16) * k2 + kk, ldx)
+                    amx.load_w0(panels, w0 + kk * NR, NR * 4)
+                    amx.load_w1(panels, w1 + kk * NR, NR * 4)
+                    amx.multiply_y00()
+                    amx.multiply_y01()
+                    amx.multiply_y10()
+                    amx.multiply_y11()
+                rows, cols = min(AMX_BLOCK, m - i), min(AMX_BLOCK, n - p * NR)
+                if rows == AMX_BLOCK and cols == AMX_BLOCK:
+                    at = i * (ldy // 4) + p * NR
+                    amx.store_y00(y, at, ldy)
+                    amx.store_y01(y, at + NR, ldy)
+                    amx.store_y10(y, at + 16 * (ldy // 4), ldy)
+                    amx.store_y11(y, at + 16 * (ldy // 4) + NR, ldy)
+                else:
+                    amx.store_y00(scratch, 0, AMX_BLOCK * 4)
+                    amx.store_y01(scratch, NR, AMX_BLOCK * 4)
+                    amx.store_y10(scratch, 16 * AMX_BLOCK, AMX_BLOCK * 4)
+                    amx.store_y11(scratch, 16 * AMX_BLOCK + NR, AMX_BLOCK * 4)
+                    _copy_edge(y, i, p * NR, scratch, AMX_BLOCK, rows, cols, False)
+    amx.tile_release()
+
+
+@kernel()   # compiled when first used: only a bfloat16 model on an AVX512_BF16 CPU without AMX runs it
 def gemm_bf16_tiles(xp, panels, y, m, m0, m1, p0, p1):
     """y[m0:m1 (clipped to m), panels p0:p1] = x pairs [m0:m1] @ the packed weight, by pairs of panels (a last
     single panel fills both halves of the tile, the second dropped); m0 is a multiple of 6."""
@@ -165,11 +214,20 @@ def matmul_bf16(x, weight: PackedWeightBF16, out=None):
     n = weight.shape[1]
     if m == 0 or k == 0:
         return out
-    tiles = -(-m // MR)
-    xp = aligned_empty((tiles * MR, -(-k // 2)))
-    split_rows(lambda s, e: _x_pairs(x, s * MR, e * MR, xp), tiles, MR * k * 4)
     panels = weight.panels
     p = panels.shape[0]
+    blocks = -(-m // AMX_BLOCK)
+    xp = aligned_empty((blocks * AMX_BLOCK + MR, panels.shape[1]))
+    split_rows(lambda s, e: _x_pairs(x, s, e, xp), xp.shape[0], k * 4)
+    if amx.HAS_AMX_BF16:
+        if m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS:
+            split_rows(lambda s, e: gemm_amx_blocks(TILE_CONFIG, xp, panels, out, m, s * AMX_BLOCK, e * AMX_BLOCK, 0,
+                                                    p), blocks, AMX_BLOCK * k * n)
+        else:
+            split_rows(lambda s, e: gemm_amx_blocks(TILE_CONFIG, xp, panels, out, m, 0, blocks * AMX_BLOCK, 2 * s,
+                                                    2 * e), p // 2, m * k * 2 * NR)
+        return out
+    tiles = -(-m // MR)
     if m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS:
         split_rows(lambda s, e: gemm_bf16_tiles(xp, panels, out, m, s * MR, e * MR, 0, p), tiles, MR * k * n)
     else:

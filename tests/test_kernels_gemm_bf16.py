@@ -5,14 +5,23 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import qnalo
 from qnalo.errors import InputError
-from qnalo.kernels import gemm_bf16 as k, simd
+from qnalo.kernels import amx, gemm_bf16 as k, simd
 from tolerances import assert_close, tolerance
 
 NEEDS_BF16 = pytest.mark.skipif(not simd.HAS_AVX512_BF16, reason="this CPU has no AVX512_BF16 (vdpbf16ps)")
+# the GEMM's two kernels: AMX tiles where the CPU has them, else (and forced, on an AMX CPU) vdpbf16ps
+KERNELS = [pytest.param(True, id="amx", marks=pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX-BF16")),
+           pytest.param(False, id="avx512-bf16")]
+
+
+@pytest.fixture(params=KERNELS)
+def with_amx(request, monkeypatch):
+    monkeypatch.setattr(amx, "HAS_AMX_BF16", request.param)
+    return request.param
 
 
 def _operands(seed, m, kk, n):
@@ -40,7 +49,10 @@ def test_packed_weight_keeps_the_rounded_values_and_half_the_bytes():
     x, w = _operands(0, 3, 37, 41)
     packed = k.PackedWeightBF16(w)
     assert np.array_equal(packed.unpack(), k.round_to_bfloat16(w))
-    assert packed.panels.nbytes == 19 * 48 * 4      # ceil(37 / 2) pairs x 3 panels of 16 columns, 4 bytes a pair
+    # ceil(37 / 2) = 19 pairs padded to 32 (AMX steps of 16), 3 panels of 16 columns padded to 4, 4 bytes a pair
+    assert packed.panels.nbytes == 32 * 64 * 4
+    big = k.PackedWeightBF16(_operands(0, 1, 768, 3072)[1])
+    assert big.panels.nbytes == 768 * 3072 * 2       # no padding: half the float32 weight
     assert k.matmul_bf16_ref(x, w).dtype == np.float32
 
 
@@ -52,6 +64,8 @@ def test_reference_equals_exact_products_of_rounded_inputs():
 
 
 @NEEDS_BF16
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                               HealthCheck.data_too_large])   # with_amx holds for every example
 @given(seed=st.integers(0, 2**32 - 1), m=st.integers(1, 70), kk=st.integers(1, 400), n=st.integers(1, 80),
        x_pad=st.integers(0, 5), out_pad=st.integers(0, 5))
 @example(seed=0, m=196, kk=384, n=1536, x_pad=0, out_pad=0)    # LITv2-S layers.2 fc1
@@ -61,7 +75,8 @@ def test_reference_equals_exact_products_of_rounded_inputs():
 @example(seed=4, m=1, kk=768, n=1000, x_pad=0, out_pad=0)      # the head, batch 1
 @example(seed=5, m=1, kk=1, n=1, x_pad=0, out_pad=0)
 @example(seed=6, m=7, kk=3, n=33, x_pad=0, out_pad=0)          # odd K (a half pair), a single last panel
-def test_matmul_bf16(seed, m, kk, n, x_pad, out_pad):
+@example(seed=7, m=64, kk=64, n=64, x_pad=0, out_pad=0)        # whole AMX blocks only
+def test_matmul_bf16(with_amx, seed, m, kk, n, x_pad, out_pad):
     x, w = _operands(seed, m, kk + x_pad, n)
     x = x[:, x_pad:]
     w = np.ascontiguousarray(w[x_pad:])
@@ -72,7 +87,7 @@ def test_matmul_bf16(seed, m, kk, n, x_pad, out_pad):
 
 
 @NEEDS_BF16
-def test_matmul_bf16_keeps_nan_and_inf():
+def test_matmul_bf16_keeps_nan_and_inf(with_amx):
     x, w = _operands(7, 4, 10, 20)
     x[1, 3], x[2, 0] = np.nan, np.inf
     y = k.matmul_bf16(x, k.PackedWeightBF16(w))
