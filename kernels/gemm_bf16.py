@@ -26,7 +26,7 @@ import numpy as np
 from . import amx, threads
 from ._jit import kernel
 from .gemm import MR, NR, _copy_edge, _wide_store, aligned_empty, checked_output
-from .simd import HAS_AVX512_BF16, wbroadcast, wdpbf16, wload, wzero
+from .simd import HAS_AVX512_BF16, WIDE_LANES, wbf16_pairs, wbroadcast, wdpbf16, wload, wstore, wzero
 from .threads import split_rows
 
 MC = 120                # rows of x pairs (at most 120 x 768 x 4 B = 360 KiB) that stay in L2 per block
@@ -91,30 +91,34 @@ class PackedWeightBF16:
 
 @kernel()
 def _x_pairs(x, start, stop, out):
-    """Rows start..stop of out (M6, K2) <- x's rows as rounded bfloat16 pairs; rows past x's and the odd last
-    k are zero."""
+    """Rows start..stop of out (M', K2) <- x's rows as rounded bfloat16 pairs (a pair is two consecutive
+    bfloat16, so a row's pairs are its bfloat16 values in order: 32 at a time by vcvtne2ps2bf16, the rest one by
+    one); rows past x's and the columns past K are zero."""
     m, k = x.shape
     k2 = out.shape[1]
+    flat = out.reshape(-1)
     pairs = out.view(np.uint32)
-    row = np.zeros(2 * k2, np.float32)
-    bits = row.view(np.uint32)
+    ldx = x.strides[0] // 4
+    whole = k - k % (2 * WIDE_LANES)
+    tail = np.empty(2 * WIDE_LANES, np.float32)     # the columns past the last 32, as float32 bits
+    tail_bits = tail.view(np.uint32)
     for i in range(start, stop):
-        if i >= m:
-            for kk in range(k2):
-                pairs[i, kk] = 0
-            continue
-        for kx in range(k):
-            row[kx] = x[i, kx]
         for kk in range(k2):
-            pair = np.uint32(0)
-            for half in range(2):
-                v = bits[2 * kk + half]
-                if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                    b = (v >> np.uint32(16)) | np.uint32(0x40)
-                else:
-                    b = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                pair |= (b & np.uint32(0xFFFF)) << np.uint32(16 * half)
-            pairs[i, kk] = pair
+            pairs[i, kk] = 0
+        if i >= m:
+            continue
+        for c in range(0, whole, 2 * WIDE_LANES):
+            wstore(flat, i * k2 + c // 2, wbf16_pairs(wload(x, i * ldx + c), wload(x, i * ldx + c + WIDE_LANES)))
+        for kx in range(whole, k):
+            tail[kx - whole] = x[i, kx]
+        for kx in range(whole, k):
+            u = tail_bits[kx - whole]
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                b = (u >> np.uint32(16)) | np.uint32(0x40)
+            else:
+                b = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) & \
+                    np.uint32(0xFFFF)
+            pairs[i, kx // 2] |= b << np.uint32(16 * (kx % 2))
 
 
 @kernel()

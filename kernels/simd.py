@@ -109,6 +109,13 @@ if nb.config.DISABLE_JIT:
     def wsplat(x):
         return np.full(WIDE_LANES, x, np.float32)
 
+    def wbf16_pairs(lo, hi):
+        bits = np.concatenate([lo, hi]).astype(np.float32).view(np.uint32)
+        nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        words = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+        return words.view(np.float32)
+
     def wdpbf16(acc, a, b):
         pairs_a, pairs_b = (np.asarray(v, np.float32).view(np.uint32) for v in (a, b))
         for half in (16, 0):   # the odd (high) products first, as vdpbf16ps adds them
@@ -341,6 +348,16 @@ else:
                                                   fnty=ir.FunctionType(_V16, [_V16, _BF16x32, _BF16x32]))
             return builder.call(fn, [args[0], builder.bitcast(args[1], _BF16x32), builder.bitcast(args[2], _BF16x32)])
         return vec16(acc, a, b), codegen
+
+    @intrinsic
+    def wbf16_pairs(typingctx, lo, hi):
+        """vcvtne2ps2bf16: the 32 floats lo then hi rounded to bfloat16 (nearest even), in that order, as the
+        bits of 16 pairs (AVX512_BF16 CPUs only)."""
+        def codegen(context, builder, sig, args):
+            fn = builder.module.declare_intrinsic("llvm.x86.avx512bf16.cvtne2ps2bf16.512",
+                                                  fnty=ir.FunctionType(_BF16x32, [_V16, _V16]))
+            return builder.bitcast(builder.call(fn, [args[1], args[0]]), _V16)
+        return vec16(lo, hi), codegen
 
     @intrinsic
     def wsplat(typingctx, x):

@@ -143,10 +143,28 @@ def test_bfloat16_kernels_match_the_bfloat16_reference(name):
 
 @NEEDS_BF16
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["litv2_s", "litv2_m", "litv2_b", "qna_vit_tiny", "qna_vit_tiny_7x7",
-                                  "qna_vit_small", "qna_vit_base"])
+@pytest.mark.parametrize("name", qnalo.list_models())
 def test_every_variant_in_bfloat16_stays_within_the_bound(name):
     fp32, bf16 = _models(name)
-    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    side = fp32.config.img_size
+    x = np.random.default_rng(0).standard_normal((2, 3, side, side)).astype(np.float32)
     error = _relative_logit_error(fp32(x), bf16(x))
     assert error <= tolerance("logits", "bfloat16")[0], f"{name}: relative logit error {error:.3g}"
+
+
+@NEEDS_BF16
+@given(seed=st.integers(0, 2**32 - 1), m=st.integers(1, 9), kk=st.integers(1, 100))
+@example(seed=0, m=3, kk=64)   # whole vectors of 32 only
+def test_x_pairs_are_the_rounded_bits_in_order(seed, m, kk):
+    x = (np.random.default_rng(seed).standard_normal((m, kk)) * 100).astype(np.float32)
+    x[-1, -1] = -np.inf
+    x[0, 0] = np.nan            # (the same element when m = kk = 1)
+    out = np.full((m + 2, -(-kk // 2) + 3), 5.0, np.float32)
+    k._x_pairs(x, 0, m + 2, out)
+    words = out.view(np.uint16).reshape(m + 2, -1)
+    want = np.zeros_like(words)
+    want[:m, :kk] = k.to_bfloat16_bits(x)
+    nan = np.zeros(words.shape, bool)
+    nan[0, 0] = True
+    assert np.array_equal(words[~nan], want[~nan])
+    assert (words[0, 0] & 0x7F80) == 0x7F80 and (words[0, 0] & 0x7F) != 0      # still a NaN
