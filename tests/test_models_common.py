@@ -396,7 +396,7 @@ def test_dtype_choices_are_checked():
     with pytest.raises(qnalo.InputError, match="runs on device='cuda' only"):
         qnalo.load("x.safetensors", dtype="float16")
     with pytest.raises(qnalo.InputError, match="CuPy has no bfloat16"):
-        qnalo.create_model("litv2_s", dtype="bfloat16")
+        qnalo.create_model("litv2_s", device="cuda", dtype="bfloat16")
     with pytest.raises(qnalo.InputError, match="unknown dtype"):
         qnalo.create_model("litv2_s", dtype="float64")
 
