@@ -83,7 +83,7 @@ TOLERANCES = {
 
 def tolerance(op, dtype="float32"):
     """(atol, rtol) of `op` at `dtype` (the "any" row of that dtype where the op has none of its own)."""
-    dtype = np.dtype(dtype).name
+    dtype = dtype if isinstance(dtype, str) else np.dtype(dtype).name   # "bfloat16": NumPy itself has no such dtype
     return TOLERANCES.get((op, dtype)) or TOLERANCES[("any", dtype)]
 
 
