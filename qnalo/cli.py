@@ -5,13 +5,12 @@ Every subcommand registers itself in `_SUBCOMMANDS` with a function adding its a
 follow qnalo._command.
 """
 import json
-import os
 import sys
 import warnings
 
 from qnalo import __version__
 from qnalo._command import Parser, UsageError, positive_int, progress, report, run
-from qnalo.errors import InputError
+from qnalo.errors import InputError, QnaloError
 from qnalo.weights_converter.command import CONVERT_HELP, add_convert_arguments, run_convert
 
 

@@ -52,6 +52,18 @@ def test_demo_text_report(capsys):
     assert out.count("agreement with PyTorch 100.00% (360/360)") == 2 and "images/s" in out
 
 
+def test_demo_disagreement_is_a_one_line_error(monkeypatch, capsys):
+    real = demo.evaluate
+
+    def off_by_one(name, **kwargs):
+        report = real(name, **kwargs)
+        return {**report, "agreement": 359 / 360, "disagreements": [0]}
+    monkeypatch.setattr(demo, "evaluate", off_by_one)
+    assert cli.main(["classify", "--demo"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qnalo: error: qnalo's predictions differ from the recorded PyTorch ones (see agreement above)")
+
+
 def test_classify_files_folders_and_globs_with_the_demo_model(tmp_path, capsys):
     paths, labels = _digit_files(str(tmp_path / "digits"))
     assert cli.main(["classify", "--model", "litv2_digits", "--top", "2", "--json",
