@@ -96,6 +96,11 @@ class _Workers:
                 state = wait_until(self.counters, flat + TASK, last + 1, self._spins(), SETTLE, -1)
             if state == 0:
                 with self.cond:
+                    # the caller may have gone to sleep on DONE just as it was set: its flag store and this
+                    # thread's DONE store then its flag load can pass each other (x86 reorders a store before a
+                    # later load), so each saw the other's old value; under the lock the flag is seen
+                    if row[CALLER_ASLEEP]:
+                        self.cond.notify_all()
                     row[WORKER_ASLEEP] = 1
                     while row[TASK] <= last:
                         self.cond.wait()
