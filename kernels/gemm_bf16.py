@@ -92,33 +92,29 @@ class PackedWeightBF16:
 @kernel()
 def _x_pairs(x, start, stop, out):
     """Rows start..stop of out (M', K2) <- x's rows as rounded bfloat16 pairs (a pair is two consecutive
-    bfloat16, so a row's pairs are its bfloat16 values in order: 32 at a time by vcvtne2ps2bf16, the rest one by
-    one); rows past x's and the columns past K are zero."""
+    bfloat16, so a row's pairs are its bfloat16 values in order): 32 at a time by vcvtne2ps2bf16, the last
+    ones through a zero-padded vector; rows past x's and the pairs past K are zero."""
     m, k = x.shape
     k2 = out.shape[1]
     flat = out.reshape(-1)
-    pairs = out.view(np.uint32)
     ldx = x.strides[0] // 4
     whole = k - k % (2 * WIDE_LANES)
-    tail = np.empty(2 * WIDE_LANES, np.float32)     # the columns past the last 32, as float32 bits
-    tail_bits = tail.view(np.uint32)
+    used = -(-k // 2)                                # pairs holding x's values
+    tail = np.zeros(2 * WIDE_LANES, np.float32)      # the columns past the last 32, zero-padded
+    tail_pairs = np.empty(WIDE_LANES, np.float32)
     for i in range(start, stop):
-        for kk in range(k2):
-            pairs[i, kk] = 0
         if i >= m:
+            flat[i * k2:(i + 1) * k2] = 0.0
             continue
+        row = i * k2
         for c in range(0, whole, 2 * WIDE_LANES):
-            wstore(flat, i * k2 + c // 2, wbf16_pairs(wload(x, i * ldx + c), wload(x, i * ldx + c + WIDE_LANES)))
-        for kx in range(whole, k):
-            tail[kx - whole] = x[i, kx]
-        for kx in range(whole, k):
-            u = tail_bits[kx - whole]
-            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                b = (u >> np.uint32(16)) | np.uint32(0x40)
-            else:
-                b = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) & \
-                    np.uint32(0xFFFF)
-            pairs[i, kx // 2] |= b << np.uint32(16 * (kx % 2))
+            wstore(flat, row + c // 2, wbf16_pairs(wload(x, i * ldx + c), wload(x, i * ldx + c + WIDE_LANES)))
+        if whole < k:
+            for kx in range(whole, k):
+                tail[kx - whole] = x[i, kx]
+            wstore(tail_pairs, 0, wbf16_pairs(wload(tail, 0), wload(tail, WIDE_LANES)))
+            flat[row + whole // 2:row + used] = tail_pairs[:used - whole // 2]
+        flat[row + used:row + k2] = 0.0
 
 
 @kernel()

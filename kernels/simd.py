@@ -110,11 +110,8 @@ if nb.config.DISABLE_JIT:
         return np.full(WIDE_LANES, x, np.float32)
 
     def wbf16_pairs(lo, hi):
-        bits = np.concatenate([lo, hi]).astype(np.float32).view(np.uint32)
-        nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        words = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
-        return words.view(np.float32)
+        from .gemm_bf16 import to_bfloat16_bits   # the reference rounding (gemm_bf16 imports this module)
+        return to_bfloat16_bits(np.concatenate([lo, hi])).view(np.float32)
 
     def wdpbf16(acc, a, b):
         pairs_a, pairs_b = (np.asarray(v, np.float32).view(np.uint32) for v in (a, b))

@@ -57,7 +57,7 @@ def _filesystem(path):
         return fs.LocalFileSystem(), os.path.abspath(path)
     try:
         return fs.FileSystem.from_uri(path)
-    except (pyarrow_errors(), ValueError) as exc:
+    except ValueError as exc:   # pyarrow's ArrowInvalid for a scheme it does not know is one
         try:
             import fsspec
             from fsspec.core import split_protocol
@@ -68,18 +68,13 @@ def _filesystem(path):
                              f"({fsspec_error})") from None
 
 
-def pyarrow_errors():
-    import pyarrow
-    return pyarrow.ArrowInvalid
-
-
 def _read_table_paths(source, column):
     """The `column` of a Parquet or CSV table, as strings."""
     import pyarrow.csv
     import pyarrow.parquet
     filesystem, inner = _filesystem(source)
     if source.lower().endswith(".parquet"):
-        table = pyarrow.parquet.read_table(inner, filesystem=filesystem, columns=None)
+        table = pyarrow.parquet.read_table(inner, filesystem=filesystem)
     else:
         with filesystem.open_input_stream(inner) as stream:
             table = pyarrow.csv.read_csv(stream)
@@ -145,9 +140,9 @@ def list_inputs(sources, path_column="path"):
                 problems.extend(missing)
         except FileNotFoundError:
             problems.append((source, "no such file"))
+        except InputError:
+            raise
         except (OSError, ValueError) as exc:
-            if isinstance(exc, InputError):
-                raise
             problems.append((source, f"cannot be read as a {lower.rsplit('.', 1)[-1]} file: "
                                      f"{' '.join(str(exc).split())}"))
     return paths, problems

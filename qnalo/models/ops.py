@@ -38,8 +38,10 @@ BACKENDS = {"numba": NUMBA, "numpy": NUMPY}
 
 # dtype="bfloat16" on the CPU: the same op sets with the bfloat16 GEMM (kernels/gemm_bf16.py: weights packed as
 # bfloat16 once, GEMM inputs rounded to bfloat16, float32 accumulation); every other op stays float32.
-BF16_BACKENDS = {name: SimpleNamespace(**{**vars(ops), **{op: pair[which] for op, pair in gemm_bf16.OPS.items()}})
-                 for (name, ops), which in zip(BACKENDS.items(), (1, 0))}
+BF16_BACKENDS = {
+    "numba": SimpleNamespace(**{**vars(NUMBA), **{op: kernel for op, (_, kernel) in gemm_bf16.OPS.items()}}),
+    "numpy": SimpleNamespace(**{**vars(NUMPY), **{op: reference for op, (reference, _) in gemm_bf16.OPS.items()}}),
+}
 
 
 def get_ops(backend, dtype="float32"):
