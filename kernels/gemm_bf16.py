@@ -21,6 +21,8 @@ panel pair passes over them.
 
 The NumPy reference, matmul_bf16_ref, rounds x and w the same way and sums the exact products in float64:
 the kernel differs from it by the float32 accumulation only."""
+import threading
+
 import numpy as np
 
 from . import amx, threads
@@ -32,7 +34,7 @@ from .threads import split_rows
 MC = 120                # rows of x pairs (at most 120 x 768 x 4 B = 360 KiB) that stay in L2 per block
 AMX_BLOCK = 32          # rows and columns of y per block of four AMX tiles
 K_STEP = 16             # pairs of k per AMX tile
-SPLIT_ROWS_FROM = 512   # from this many rows the threads split the rows, below it the panels (as gemm.py)
+SPLIT_ROWS_FROM = 512   # vdpbf16ps tile: from this many rows the threads split the rows, below it the panels
 TILE_CONFIG = amx.tile_config_bytes()
 
 
@@ -204,9 +206,42 @@ def gemm_bf16_tiles(xp, panels, y, m, m0, m1, p0, p1):
                 _wide_store(y, row, p * NR, acc, rows, cols, False, scratch)
 
 
+@kernel()
+def _amx_share(cfg, x, xp, panels, y, r0, r1, p0, p1):
+    """One thread's share on AMX: x's rows r0:r1 rounded into xp's, then y[r0:r1, panels p0:p1] from them; the
+    pairs a thread multiplies are the ones it wrote, still in its own caches."""
+    _x_pairs(x, r0, r1, xp)
+    gemm_amx_blocks(cfg, xp, panels, y, x.shape[0], r0, r1, p0, p1)
+
+
+@kernel()
+def _tiles_share(x, xp, panels, y, r0, r1, p0, p1):
+    """As _amx_share, by the vdpbf16ps tile (r0 a multiple of its 6 rows)."""
+    _x_pairs(x, r0, r1, xp)
+    gemm_bf16_tiles(xp, panels, y, x.shape[0], r0, r1, p0, p1)
+
+
+_scratch = threading.local()
+
+
+def _pairs_buffers(count, rows, k2):
+    """count (rows, k2) buffers for x pairs, kept by the calling thread between calls (grown when too small): a
+    fresh one per call cost its page faults every call, ~15% of a batch-1 GEMM."""
+    size = count * rows * k2
+    flat = getattr(_scratch, "flat", None)
+    if flat is None or flat.size < size:
+        flat = _scratch.flat = aligned_empty((size,))
+    return flat[:size].reshape(count, rows, k2)
+
+
 def matmul_bf16(x, weight: PackedWeightBF16, out=None):
     """x (M, K) float32, rows of any stride (columns contiguous) -> bf16(x) @ bf16(w) (M, N) float32, into
-    `out` (contiguous rows) when given."""
+    `out` (contiguous rows) when given.
+
+    Each thread rounds the rows of x it multiplies itself. With enough row blocks for every thread they split
+    the rows; otherwise (a batch-1 pass past stage 0) the panels, each thread rounding all of x into a buffer of
+    its own: x pairs written by one core and read by another made a 196-row GEMM up to 2x slower than one
+    thread."""
     if not HAS_AVX512_BF16:
         raise RuntimeError("matmul_bf16 needs a CPU with AVX512_BF16 (vdpbf16ps)")
     out = checked_output("matmul_bf16", x, weight.shape, out)
@@ -215,25 +250,37 @@ def matmul_bf16(x, weight: PackedWeightBF16, out=None):
     if m == 0 or k == 0:
         return out
     panels = weight.panels
-    p = panels.shape[0]
-    blocks = -(-m // AMX_BLOCK)
-    xp = aligned_empty((blocks * AMX_BLOCK + MR, panels.shape[1]))
-    split_rows(lambda s, e: _x_pairs(x, s, e, xp), xp.shape[0], k * 4)
-    if amx.HAS_AMX_BF16:
-        if m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS:
-            split_rows(lambda s, e: gemm_amx_blocks(TILE_CONFIG, xp, panels, out, m, s * AMX_BLOCK, e * AMX_BLOCK, 0,
-                                                    p), blocks, AMX_BLOCK * k * n)
-        else:
-            split_rows(lambda s, e: gemm_amx_blocks(TILE_CONFIG, xp, panels, out, m, 0, blocks * AMX_BLOCK, 2 * s,
-                                                    2 * e), p // 2, m * k * 2 * NR)
-        return out
-    tiles = -(-m // MR)
-    if m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS:
-        split_rows(lambda s, e: gemm_bf16_tiles(xp, panels, out, m, s * MR, e * MR, 0, p), tiles, MR * k * n)
+    p, k2 = panels.shape[0], panels.shape[1]
+    use_amx = amx.HAS_AMX_BF16
+    block = AMX_BLOCK if use_amx else MR
+    blocks = -(-m // block)
+    rows = -(-m // AMX_BLOCK) * AMX_BLOCK + MR      # the pairs the tiles read: past x's rows they are zero
+    if use_amx:
+        split_by_rows = blocks >= 2 * threads.NUM_THREADS or p < 2 * threads.NUM_THREADS
     else:
-        pairs = -(-p // 2)
-        split_rows(lambda s, e: gemm_bf16_tiles(xp, panels, out, m, 0, tiles * MR, 2 * s, min(2 * e, p)), pairs,
-                   m * k * 2 * NR)
+        split_by_rows = m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS
+    if split_by_rows:
+        xp = _pairs_buffers(1, rows, k2)[0]
+
+        def share(start, stop):
+            r0, r1 = start * block, min(stop * block, rows)
+            if use_amx:
+                _amx_share(TILE_CONFIG, x, xp, panels, out, r0, r1, 0, p)
+            else:
+                _tiles_share(x, xp, panels, out, r0, r1, 0, p)
+        split_rows(share, blocks, block * k * n)
+        return out
+    pairs = -(-p // 2)
+    bounds = threads.share_bounds(pairs, m * k * 2 * NR)
+    own = _pairs_buffers(len(bounds) - 1, rows, k2)
+
+    def share(start, stop):
+        xp = own[bounds.index(start)]
+        if use_amx:
+            _amx_share(TILE_CONFIG, x, xp, panels, out, 0, blocks * block, 2 * start, min(2 * stop, p))
+        else:
+            _tiles_share(x, xp, panels, out, 0, blocks * block, 2 * start, min(2 * stop, p))
+    split_rows(share, pairs, m * k * 2 * NR)
     return out
 
 

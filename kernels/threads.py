@@ -207,9 +207,15 @@ def start_workers():
         _workers()
 
 
+def share_bounds(n_rows, work_per_row):
+    """The bounds split_rows gives its shares: [0, ..., n_rows], one share per thread there is work for."""
+    parts = max(1, min(NUM_THREADS, n_rows, n_rows * work_per_row // MIN_WORK_PER_THREAD))
+    return [n_rows * k // parts for k in range(parts + 1)]
+
+
 def split_rows(fn, n_rows, work_per_row, *args):
-    """Run fn(*args, start, stop) over rows [0, n_rows), split across threads when there is enough work.
-    The calling thread takes the first share itself."""
-    parts = min(NUM_THREADS, n_rows, max(1, n_rows * work_per_row // MIN_WORK_PER_THREAD))
-    if parts <= 1 or not _workers().run(fn, args, [n_rows * k // parts for k in range(parts + 1)]):
+    """Run fn(*args, start, stop) over rows [0, n_rows), split across threads when there is enough work (the
+    shares of share_bounds). The calling thread takes the first share itself."""
+    bounds = share_bounds(n_rows, work_per_row)
+    if len(bounds) <= 2 or not _workers().run(fn, args, bounds):
         fn(*args, 0, n_rows)

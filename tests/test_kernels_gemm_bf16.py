@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import qnalo
 from qnalo.errors import InputError
-from qnalo.kernels import amx, gemm_bf16 as k, simd
+from qnalo.kernels import amx, gemm_bf16 as k, simd, threads
 from tolerances import assert_close, tolerance
 
 NEEDS_BF16 = pytest.mark.skipif(not simd.HAS_AVX512_BF16, reason="this CPU has no AVX512_BF16 (vdpbf16ps)")
@@ -84,6 +84,20 @@ def test_matmul_bf16(with_amx, seed, m, kk, n, x_pad, out_pad):
     k.matmul_bf16(x, k.PackedWeightBF16(w), out[:, out_pad:])
     assert_close(out[:, out_pad:], k.matmul_bf16_ref(x, w), "gemm", "bfloat16")
     assert (out[:, :out_pad] == 7.0).all(), "wrote outside the output slice"
+
+
+@NEEDS_BF16
+@pytest.mark.parametrize("n_threads", [2, 3, 5])
+def test_matmul_bf16_split_equals_one_thread(with_amx, monkeypatch, n_threads):
+    """Split by rows (many row blocks) and by panels (few rows, each thread rounding x itself), bit for bit the
+    one-thread result: every element is the same sum in the same order whoever computes it."""
+    shapes = [(49, 300, 200), (196, 96, 250), (7, 33, 530), (300, 64, 40)]
+    operands = [(x, k.PackedWeightBF16(w)) for x, w in (_operands(i, *shape) for i, shape in enumerate(shapes))]
+    single = [k.matmul_bf16(x, w) for x, w in operands]
+    monkeypatch.setattr(threads, "NUM_THREADS", n_threads)
+    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
+    for (x, w), one, shape in zip(operands, single, shapes):
+        np.testing.assert_array_equal(k.matmul_bf16(x, w), one, err_msg=str(shape))
 
 
 @NEEDS_BF16
