@@ -1,5 +1,7 @@
 """Where the CPU time goes: qnalo op by op beside OpenVINO's own per-layer counters (PERF_COUNT), one forward
-pass of LITv2-S and QnA-ViT-Tiny at 224, float32, on the same seeded random weights, at the pinned thread count.
+pass of LITv2-S and QnA-ViT-Tiny at 224, float32 (or --dtype bfloat16: qnalo's bfloat16 beside OpenVINO's
+default precision, bfloat16 on a CPU with AVX512_BF16), on the same seeded random weights, at the pinned thread
+count.
 
 qnalo: every op of the Numba op set (qnalo.models.ops.NUMBA) is wrapped in a wall-clock timer before the model is
 built, so each call is timed where it runs (the kernels return when their work is done); GEMMs are kept apart by
@@ -9,9 +11,9 @@ of the forward) is "glue". OpenVINO: the f32-hint model of bench_models.py with 
 categories (GEMM, attention, LayerNorm, ...), so each gap between the engines has a name. Every figure is the
 median over PASSES passes after WARMUP, per op summed within a pass.
 
-Run:  python benchmarks/profile_cpu.py [--batch 1 8] [--models litv2_s qna_vit_tiny] [--out FOLDER]
-      (writes results/cpu_profile_<cpu>.md and cpu_profile_latest.md; needs the test and bench extras; run it
-      on an idle machine, as bench_models.py)
+Run:  python benchmarks/profile_cpu.py [--batch 1 8] [--models litv2_s qna_vit_tiny] [--dtype bfloat16]
+      [--out FOLDER] (writes results/cpu_profile_<cpu>.md and cpu_profile_latest.md, or cpu_profile_bf16_*.md;
+      needs the test and bench extras; run it on an idle machine, as bench_models.py)
 """
 import harness  # noqa: F401  (first: pins the thread variables before numpy loads)
 
@@ -56,12 +58,13 @@ CATEGORIES = ("GEMM (linear layers)", "attention", "LayerNorm, residual add", "b
 
 
 @contextlib.contextmanager
-def timed_numba_ops():
-    """Every op of the Numba op set timed per call while the context is open: yields the list the (label,
-    seconds) pairs go to. Models must be built inside it (a Linear keeps the matmul it was built with)."""
+def timed_numba_ops(dtype):
+    """Every op of the Numba op set of `dtype` timed per call while the context is open: yields the list the
+    (label, seconds) pairs go to. Models must be built inside it (a Linear keeps the matmul it was built with)."""
     from qnalo.models import ops
+    op_set = ops.get_ops("numba", dtype)
     spans = []
-    saved = dict(vars(ops.NUMBA))
+    saved = dict(vars(op_set))
 
     def timed(name, fn):
         def run(*args, **kwargs):
@@ -77,19 +80,19 @@ def timed_numba_ops():
 
     for name in QNALO_CATEGORY:
         if name in saved:
-            setattr(ops.NUMBA, name, timed(name, saved[name]))
+            setattr(op_set, name, timed(name, saved[name]))
     try:
         yield spans
     finally:
         for name, fn in saved.items():
-            setattr(ops.NUMBA, name, fn)
+            setattr(op_set, name, fn)
 
 
-def profile_qnalo(converted, x):
+def profile_qnalo(converted, x, dtype):
     """(per-label median seconds in a pass, calls per pass, median pass seconds with timers, without them)."""
     import qnalo
-    with timed_numba_ops() as spans:
-        model = qnalo.load(converted)
+    with timed_numba_ops(dtype) as spans:
+        model = qnalo.load(converted, dtype=dtype)
         for _ in range(WARMUP):
             model(x)
         per_label, passes = collections.defaultdict(list), []
@@ -105,7 +108,7 @@ def profile_qnalo(converted, x):
             calls = collections.Counter(label for label, _ in spans)
             for label in calls:
                 per_label[label].append(summed[label])
-    bare = qnalo.load(converted)
+    bare = qnalo.load(converted, dtype=dtype)
     for _ in range(WARMUP):
         bare(x)
     untimed = []
@@ -117,10 +120,18 @@ def profile_qnalo(converted, x):
     return medians, calls, statistics.median(passes), statistics.median(untimed)
 
 
-def profile_openvino(onnx_path, x):
+def openvino_config(dtype):
+    """bench_models.py's OpenVINO configuration; for bfloat16 without the f32 hint (OpenVINO's default)."""
+    config = {**harness.OPENVINO_F32, "PERF_COUNT": True}
+    if dtype == "bfloat16":
+        del config["INFERENCE_PRECISION_HINT"]
+    return config
+
+
+def profile_openvino(onnx_path, x, dtype):
     """(seconds per (layer type, exec_type) summed over a pass, median; layers per key; median pass seconds)."""
     import openvino as ov
-    compiled = ov.Core().compile_model(onnx_path, "CPU", {**harness.OPENVINO_F32, "PERF_COUNT": True})
+    compiled = ov.Core().compile_model(onnx_path, "CPU", openvino_config(dtype))
     req = compiled.create_infer_request()
     for _ in range(WARMUP):
         req.infer({0: x})
@@ -146,11 +157,12 @@ def _ms(seconds):
     return f"{1e3 * seconds:.2f}"
 
 
-def report_model(name, batch, converted, onnx_path):
+def report_model(name, batch, converted, onnx_path, dtype):
     import numpy as np
     x = harness.make_input(batch)
-    q_ops, q_calls, q_pass, q_bare = profile_qnalo(converted, x)
-    o_ops, o_layers, o_pass = profile_openvino(onnx_path, np.ascontiguousarray(x))
+    q_ops, q_calls, q_pass, q_bare = profile_qnalo(converted, x, dtype)
+    o_ops, o_layers, o_pass = profile_openvino(onnx_path, np.ascontiguousarray(x), dtype)
+    engine = "OpenVINO f32" if dtype == "float32" else "OpenVINO default (bf16)"
 
     q_glue = max(0.0, q_pass - sum(q_ops.values()))
     q_cat, o_cat = collections.defaultdict(float), collections.defaultdict(float)
@@ -162,7 +174,7 @@ def report_model(name, batch, converted, onnx_path):
         o_cat[OPENVINO_CATEGORY.get(node_type, "layout and other")] += seconds
 
     lines = [f"## {name}, batch {batch}", "",
-             f"qnalo {_ms(q_bare)} ms a pass ({_ms(q_pass)} ms with its op timers); OpenVINO f32 {_ms(o_pass)} ms a "
+             f"qnalo {dtype} {_ms(q_bare)} ms a pass ({_ms(q_pass)} ms with its op timers); {engine} {_ms(o_pass)} ms a "
              f"pass ({_ms(o_counted)} ms in its counters); qnalo / OpenVINO {q_bare / o_pass:.2f}.", "",
              "| category | qnalo ms | OpenVINO ms | qnalo - OpenVINO, ms |", "|---|---:|---:|---:|"]
     for cat in CATEGORIES:
@@ -193,16 +205,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="default: %(default)s")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="qnalo's dtype; bfloat16 is profiled beside OpenVINO's default precision")
     parser.add_argument("--out", default=harness.RESULTS_DIR, help="folder for the report (default: %(default)s)")
     args = parser.parse_args(argv)
     unavailable = harness.missing("torch") or harness.missing("openvino") or harness.missing("onnx")
     if unavailable:
         sys.exit(f"profile_cpu: {unavailable}")
-    lines = [f"# Where the CPU time goes: qnalo beside OpenVINO f32, {datetime.date.today()}", "",
+    beside = "OpenVINO f32" if args.dtype == "float32" else "OpenVINO's default precision, in bfloat16"
+    lines = [f"# Where the CPU time goes: qnalo {args.dtype} beside {beside}, {datetime.date.today()}", "",
              f"CPU: {harness.cpu_description()}; {harness.THREADS} threads.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in harness.versions().items()), "",
              f"Command: `python benchmarks/profile_cpu.py --batch {' '.join(map(str, args.batch))} "
-             f"--models {' '.join(args.models)}`; medians of {PASSES} passes after {WARMUP}.", "",
+             f"--models {' '.join(args.models)} --dtype {args.dtype}`; medians of {PASSES} passes after {WARMUP}.", "",
              "OpenVINO's counters leave out its own scheduling between layers, so its categories add up to a little "
              "less than its pass; qnalo's op timers add ~1 us a call. OpenVINO rewrites the graph: its layer types "
              "map to the categories only roughly (QnA's windows become Reorders, Transposes and convolutions, "
@@ -214,11 +229,12 @@ def main(argv=None):
             for batch in args.batch:
                 onnx_path = os.path.join(folder, f"{name}_b{batch}.onnx")
                 harness.export_onnx(reference, batch, onnx_path)
-                lines += [""] + report_model(name, batch, converted, onnx_path)
+                lines += [""] + report_model(name, batch, converted, onnx_path, args.dtype)
                 print(f"profile_cpu: {name} batch {batch} done", flush=True)
     text = "\n".join(lines) + "\n"
-    for path in (os.path.join(args.out, f"cpu_profile_{harness.cpu_tag()}.md"),
-                 os.path.join(args.out, "cpu_profile_latest.md")):
+    prefix = "cpu_profile" if args.dtype == "float32" else "cpu_profile_bf16"
+    for path in (os.path.join(args.out, f"{prefix}_{harness.cpu_tag()}.md"),
+                 os.path.join(args.out, f"{prefix}_latest.md")):
         harness.write_text(path, text)
     print(text + f"\nwritten to {path}")
 
