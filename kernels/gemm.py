@@ -363,21 +363,32 @@ gemm_tiles = GEMM_BLOCKS[HAS_AVX512]   # the kernel this CPU runs (and the kerne
 SPLIT_ROWS_FROM = 512
 
 
-def checked_output(name, x, shape, out):
-    """The output of GEMM `name` of x (M, K) float32 with contiguous rows and a (K, N) weight of `shape`: `out`
-    checked, or a new one; ValueError saying what does not fit. Filled with 0 already when K = 0."""
-    m, k = x.shape
-    n = shape[1]
+def check_input(name, x, shape):
+    """ValueError saying what does not fit, unless x is (M, K) float32 with contiguous rows for a (K, N) weight
+    of `shape`."""
+    k = x.shape[1]
     if shape[0] != k:
         raise ValueError(f"{name}: x has {k} columns but the weight has {shape[0]} rows")
     if x.dtype != np.float32 or (x.size and k > 1 and x.strides[1] != 4):
         raise ValueError(f"{name}: x must be float32 with contiguous rows, got {x.dtype} strides {x.strides}")
+
+
+def output_array(name, m, n, out):
+    """`out` checked to be float32 (m, n) with contiguous rows, or a new one."""
     if out is None:
-        out = aligned_empty((m, n))
-    elif out.shape != (m, n) or out.dtype != np.float32 or (out.size and n > 1 and out.strides[1] != 4):
+        return aligned_empty((m, n))
+    if out.shape != (m, n) or out.dtype != np.float32 or (out.size and n > 1 and out.strides[1] != 4):
         raise ValueError(f"{name}: out must be float32 ({m}, {n}) with contiguous rows, got {out.dtype} "
                          f"{out.shape} strides {out.strides}")
-    if k == 0:
+    return out
+
+
+def checked_output(name, x, shape, out):
+    """The output of GEMM `name` of x (M, K) float32 with contiguous rows and a (K, N) weight of `shape`: `out`
+    checked, or a new one; ValueError saying what does not fit. Filled with 0 already when K = 0."""
+    check_input(name, x, shape)
+    out = output_array(name, x.shape[0], shape[1], out)
+    if x.shape[1] == 0:
         out[...] = 0.0
     return out
 

@@ -26,9 +26,10 @@ import threading
 import numpy as np
 
 from . import amx, threads
-from ._jit import kernel
-from .gemm import MR, NR, _copy_edge, _wide_store, aligned_empty, checked_output
-from .simd import HAS_AVX512_BF16, WIDE_LANES, wbf16_pairs, wbroadcast, wdpbf16, wload, wstore, wzero
+from ._jit import inline_kernel, kernel
+from .gelu_tanh import bias_gelu_tanh, bias_gelu_tanh_ref, wgelu_tanh
+from .gemm import MR, NR, _copy_edge, _wide_store, aligned_empty, check_input, checked_output, output_array
+from .simd import HAS_AVX512_BF16, WIDE_LANES, wadd, wbf16_pairs, wbroadcast, wdpbf16, wload, wstore, wzero
 from .threads import split_rows
 
 MC = 120                # rows of x pairs (at most 120 x 768 x 4 B = 360 KiB) that stay in L2 per block
@@ -143,10 +144,28 @@ def _bf16_tile(xp, ia, k2, panels, ib, ib2):
     return (a0, c0, a1, c1, a2, c2, a3, c3, a4, c4, a5, c5)
 
 
+@inline_kernel()
+def _gelu_tanh_pairs(scratch, i, m, p, bias, hp):
+    """The 32x32 block of y at row i, panel pair p, stored in scratch: + bias, tanh GELU (the float32 kernel's
+    vector function), then rounded into hp's pairs (the x pairs of the next GEMM); rows past m are zero."""
+    k2 = hp.shape[1]
+    b0, b1 = wload(bias, p * NR), wload(bias, p * NR + NR)
+    for r in range(AMX_BLOCK):
+        at = (i + r) * k2 + p * (NR // 2)
+        if i + r >= m:
+            wstore(hp, at, wzero())
+        else:
+            g0 = wgelu_tanh(wadd(wload(scratch, r * AMX_BLOCK), b0))
+            g1 = wgelu_tanh(wadd(wload(scratch, r * AMX_BLOCK + NR), b1))
+            wstore(hp, at, wbf16_pairs(g0, g1))
+
+
 @kernel()   # compiled when first used: only a bfloat16 model on an AMX-BF16 CPU runs it
-def gemm_amx_blocks(cfg, xp, panels, y, m, m0, m1, p0, p1):
+def gemm_amx_blocks(cfg, xp, panels, y, m, m0, m1, p0, p1, bias, hp):
     """y[m0:m1 (clipped to m), panels p0:p1] = x pairs [m0:m1] @ the packed weight by 32x32 blocks of four
-    AMX tiles; m0 is a multiple of 32 and p0 even. A block past y's edge goes through scratch."""
+    AMX tiles; m0 is a multiple of 32 and p0 even. A block past y's edge goes through scratch.
+    With a non-empty hp (pairs, rows x the padded width / 2) each block instead gets bias (padded with zeros
+    to the panels' width) and the tanh GELU in scratch and is rounded into hp (y is not written)."""
     amx.tile_config(cfg)
     k2 = xp.shape[1]
     n = y.shape[1]
@@ -170,7 +189,13 @@ def gemm_amx_blocks(cfg, xp, panels, y, m, m0, m1, p0, p1):
                     amx.multiply_y10()
                     amx.multiply_y11()
                 rows, cols = min(AMX_BLOCK, m - i), min(AMX_BLOCK, n - p * NR)
-                if rows == AMX_BLOCK and cols == AMX_BLOCK:
+                if hp.size:
+                    amx.store_y00(scratch, 0, AMX_BLOCK * 4)
+                    amx.store_y01(scratch, NR, AMX_BLOCK * 4)
+                    amx.store_y10(scratch, 16 * AMX_BLOCK, AMX_BLOCK * 4)
+                    amx.store_y11(scratch, 16 * AMX_BLOCK + NR, AMX_BLOCK * 4)
+                    _gelu_tanh_pairs(scratch, i, m, p, bias, hp)
+                elif rows == AMX_BLOCK and cols == AMX_BLOCK:
                     at = i * (ldy // 4) + p * NR
                     amx.store_y00(y, at, ldy)
                     amx.store_y01(y, at + NR, ldy)
@@ -207,11 +232,11 @@ def gemm_bf16_tiles(xp, panels, y, m, m0, m1, p0, p1):
 
 
 @kernel()
-def _amx_share(cfg, x, xp, panels, y, r0, r1, p0, p1):
-    """One thread's share on AMX: x's rows r0:r1 rounded into xp's, then y[r0:r1, panels p0:p1] from them; the
-    pairs a thread multiplies are the ones it wrote, still in its own caches."""
+def _amx_share(cfg, x, xp, panels, y, r0, r1, p0, p1, bias, hp):
+    """One thread's share on AMX: x's rows r0:r1 rounded into xp's, then y[r0:r1, panels p0:p1] (or hp's, see
+    gemm_amx_blocks) from them; the pairs a thread multiplies are the ones it wrote, still in its own caches."""
     _x_pairs(x, r0, r1, xp)
-    gemm_amx_blocks(cfg, xp, panels, y, x.shape[0], r0, r1, p0, p1)
+    gemm_amx_blocks(cfg, xp, panels, y, x.shape[0], r0, r1, p0, p1, bias, hp)
 
 
 @kernel()
@@ -222,16 +247,43 @@ def _tiles_share(x, xp, panels, y, r0, r1, p0, p1):
 
 
 _scratch = threading.local()
+NO_BIAS, NO_PAIRS = np.zeros(0, np.float32), np.zeros((0, K_STEP), np.float32)   # gemm_amx_blocks writes y
 
 
-def _pairs_buffers(count, rows, k2):
-    """count (rows, k2) buffers for x pairs, kept by the calling thread between calls (grown when too small): a
-    fresh one per call cost its page faults every call, ~15% of a batch-1 GEMM."""
+def _pairs_buffers(count, rows, k2, use="x"):
+    """count (rows, k2) buffers for pairs, kept by the calling thread between calls for each use (grown when too
+    small): a fresh one per call cost its page faults every call, ~15% of a batch-1 GEMM."""
     size = count * rows * k2
-    flat = getattr(_scratch, "flat", None)
+    flat = getattr(_scratch, use, None)
     if flat is None or flat.size < size:
-        flat = _scratch.flat = aligned_empty((size,))
+        flat = aligned_empty((size,))
+        setattr(_scratch, use, flat)
     return flat[:size].reshape(count, rows, k2)
+
+
+def _split_by_rows(blocks, p):
+    """With enough 32-row blocks for every thread an AMX GEMM's threads split the rows, else the panel pairs."""
+    return blocks >= 2 * threads.NUM_THREADS or p < 2 * threads.NUM_THREADS
+
+
+def _amx_gemm(x, panels, out, bias=NO_BIAS, hp=NO_PAIRS):
+    """out (or hp's pairs) = bf16(x) @ the panels on AMX, split across the threads (see matmul_bf16)."""
+    m, k = x.shape
+    p, k2 = panels.shape[0], panels.shape[1]
+    blocks = -(-m // AMX_BLOCK)
+    rows = blocks * AMX_BLOCK + MR
+    work = AMX_BLOCK * k * p * NR
+    if _split_by_rows(blocks, p):
+        xp = _pairs_buffers(1, rows, k2)[0]
+        split_rows(lambda start, stop: _amx_share(TILE_CONFIG, x, xp, panels, out, start * AMX_BLOCK,
+                                                  stop * AMX_BLOCK, 0, p, bias, hp), blocks, work)
+        return
+    pairs = p // 2
+    bounds = threads.share_bounds(pairs, m * k * 2 * NR)
+    own = _pairs_buffers(len(bounds) - 1, rows, k2)
+    split_rows(lambda start, stop: _amx_share(TILE_CONFIG, x, own[bounds.index(start)], panels, out, 0,
+                                              blocks * AMX_BLOCK, 2 * start, 2 * stop, bias, hp), pairs,
+               m * k * 2 * NR)
 
 
 def matmul_bf16(x, weight: PackedWeightBF16, out=None):
@@ -251,37 +303,59 @@ def matmul_bf16(x, weight: PackedWeightBF16, out=None):
         return out
     panels = weight.panels
     p, k2 = panels.shape[0], panels.shape[1]
-    use_amx = amx.HAS_AMX_BF16
-    block = AMX_BLOCK if use_amx else MR
-    blocks = -(-m // block)
+    if amx.HAS_AMX_BF16:
+        _amx_gemm(x, panels, out)
+        return out
+    tiles = -(-m // MR)
     rows = -(-m // AMX_BLOCK) * AMX_BLOCK + MR      # the pairs the tiles read: past x's rows they are zero
-    if use_amx:
-        split_by_rows = blocks >= 2 * threads.NUM_THREADS or p < 2 * threads.NUM_THREADS
-    else:
-        split_by_rows = m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS
-    if split_by_rows:
+    if m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS:
         xp = _pairs_buffers(1, rows, k2)[0]
-
-        def share(start, stop):
-            r0, r1 = start * block, min(stop * block, rows)
-            if use_amx:
-                _amx_share(TILE_CONFIG, x, xp, panels, out, r0, r1, 0, p)
-            else:
-                _tiles_share(x, xp, panels, out, r0, r1, 0, p)
-        split_rows(share, blocks, block * k * n)
+        split_rows(lambda start, stop: _tiles_share(x, xp, panels, out, start * MR, min(stop * MR, rows), 0, p),
+                   tiles, MR * k * n)
         return out
     pairs = -(-p // 2)
     bounds = threads.share_bounds(pairs, m * k * 2 * NR)
     own = _pairs_buffers(len(bounds) - 1, rows, k2)
-
-    def share(start, stop):
-        xp = own[bounds.index(start)]
-        if use_amx:
-            _amx_share(TILE_CONFIG, x, xp, panels, out, 0, blocks * block, 2 * start, min(2 * stop, p))
-        else:
-            _tiles_share(x, xp, panels, out, 0, blocks * block, 2 * start, min(2 * stop, p))
-    split_rows(share, pairs, m * k * 2 * NR)
+    split_rows(lambda start, stop: _tiles_share(x, own[bounds.index(start)], panels, out, 0, tiles * MR, 2 * start,
+                                                min(2 * stop, p)), pairs, m * k * 2 * NR)
     return out
+
+
+def mlp_gelu_tanh_bf16(x, fc1: PackedWeightBF16, bias1, fc2: PackedWeightBF16, out=None):
+    """fc2(gelu_tanh(fc1(x) + bias1)) (M, N2) float32, fc2's bias left out: QnA-ViT's MLP, each GEMM's input
+    rounded to bfloat16 as matmul_bf16 rounds it. On AMX the hidden layer is never stored in float32: each
+    32x32 block of fc1's products gets its bias and GELU while in L1 and is rounded straight into the pairs
+    fc2 reads (the hidden's float32 write, the GELU's pass over it and fc2's rounding pass are gone).
+    Elsewhere the three ops run one after the other, computing the same numbers."""
+    if fc1.shape[1] != fc2.shape[0]:
+        raise ValueError(f"mlp_gelu_tanh_bf16: fc1 gives {fc1.shape[1]} features but fc2 takes {fc2.shape[0]}")
+    if not amx.HAS_AMX_BF16 or x.shape[0] == 0 or x.shape[1] == 0:
+        return matmul_bf16(bias_gelu_tanh(matmul_bf16(x, fc1), bias1), fc2, out)
+    check_input("mlp_gelu_tanh_bf16", x, fc1.shape)
+    m = x.shape[0]
+    out = output_array("mlp_gelu_tanh_bf16", m, fc2.shape[1], out)
+    panels1, panels2 = fc1.panels, fc2.panels
+    bias = np.zeros(panels1.shape[0] * NR, np.float32)
+    bias[:fc1.shape[1]] = bias1
+    hp = _pairs_buffers(1, -(-m // AMX_BLOCK) * AMX_BLOCK + MR, panels2.shape[1], use="hidden")[0]
+    _amx_gemm(x, panels1, out, bias, hp)
+    # fc2 from the rounded pairs: the threads split as in matmul_bf16, the hidden read where it was written
+    p = panels2.shape[0]
+    blocks = -(-m // AMX_BLOCK)
+    if _split_by_rows(blocks, p):
+        split_rows(lambda start, stop: gemm_amx_blocks(TILE_CONFIG, hp, panels2, out, m, start * AMX_BLOCK,
+                                                       stop * AMX_BLOCK, 0, p, NO_BIAS, NO_PAIRS),
+                   blocks, AMX_BLOCK * panels2.shape[1] * 2 * p * NR)
+    else:
+        split_rows(lambda start, stop: gemm_amx_blocks(TILE_CONFIG, hp, panels2, out, m, 0, blocks * AMX_BLOCK,
+                                                       2 * start, 2 * stop, NO_BIAS, NO_PAIRS),
+                   p // 2, m * panels2.shape[1] * 4 * NR)
+    return out
+
+
+def mlp_gelu_tanh_bf16_ref(x, w1, bias1, w2, out=None):
+    """The reference of mlp_gelu_tanh_bf16: the reference GEMM (inputs rounded), the float64 GELU, the GEMM."""
+    return matmul_bf16_ref(bias_gelu_tanh_ref(matmul_bf16_ref(x, w1), bias1), w2, out)
 
 
 def _unpacked(w):
@@ -290,4 +364,5 @@ def _unpacked(w):
 
 # op name -> (NumPy reference, Numba kernel) of the bfloat16 op set (qnalo.models.ops: dtype="bfloat16" on the
 # CPU replaces the float32 GEMM's ops by these; every other op stays float32).
-OPS = {"matmul": (matmul_bf16_ref, matmul_bf16), "pack_weight": (_unpacked, PackedWeightBF16)}
+OPS = {"matmul": (matmul_bf16_ref, matmul_bf16), "pack_weight": (_unpacked, PackedWeightBF16),
+       "mlp_gelu_tanh": (mlp_gelu_tanh_bf16_ref, mlp_gelu_tanh_bf16)}

@@ -91,6 +91,12 @@ if nb.config.DISABLE_JIT:
     def wmax(a, b):
         return np.maximum(a, b)
 
+    def wmin(a, b):
+        return np.minimum(a, b)
+
+    def wdiv(a, b):
+        return a / b
+
     def wmul(a, b):
         return a * b
 
@@ -262,14 +268,22 @@ else:
     def wadd(typingctx, a, b):
         return vec16(a, b), _add
 
+    def _lanewise(llvm_name):
+        """Codegen of the two-vector LLVM intrinsic `llvm_name`."""
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16] * 2), llvm_name)
+            return builder.call(fn, args)
+        return codegen
+
     @intrinsic
     def wmax(typingctx, a, b):
         """The lane-wise maximum (vmaxps; for inputs that are not NaN)."""
-        def codegen(context, builder, sig, args):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16] * 2),
-                                                "llvm.maxnum.v16f32")
-            return builder.call(fn, args)
-        return vec16(a, b), codegen
+        return vec16(a, b), _lanewise("llvm.maxnum.v16f32")
+
+    @intrinsic
+    def wmin(typingctx, a, b):
+        """The lane-wise minimum (vminps; for inputs that are not NaN)."""
+        return vec16(a, b), _lanewise("llvm.minnum.v16f32")
 
     @intrinsic
     def wmax_lanes(typingctx, a):
@@ -295,6 +309,10 @@ else:
     @intrinsic
     def wmul(typingctx, a, b):
         return vec16(a, b), lambda context, builder, sig, args: builder.fmul(*args)
+
+    @intrinsic
+    def wdiv(typingctx, a, b):
+        return vec16(a, b), lambda context, builder, sig, args: builder.fdiv(*args)
 
     @intrinsic
     def wsub(typingctx, a, b):

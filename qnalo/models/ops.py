@@ -34,6 +34,18 @@ NUMBA = SimpleNamespace(xp=np, dtype=np.float32, to_device=np.asarray, to_host=n
 NUMPY = SimpleNamespace(xp=np, dtype=np.float32, to_device=np.asarray, to_host=np.asarray, tokens_per_group=4096,
                         **_declared(0))
 
+
+
+def composed_mlp_gelu_tanh(ops):
+    """QnA-ViT's MLP without fc2's bias, fc2(gelu_tanh(fc1(x) + bias1)), from the op set's own GEMM and GELU
+    (looked up per call); the bfloat16 CPU op set fuses it instead (gemm_bf16.mlp_gelu_tanh_bf16)."""
+    def mlp_gelu_tanh(x, fc1, bias1, fc2, out=None):
+        return ops.matmul(ops.bias_gelu_tanh(ops.matmul(x, fc1), bias1), fc2, out)
+    mlp_gelu_tanh.composed = True    # profilers time its parts instead
+    return mlp_gelu_tanh
+
+
+NUMBA.mlp_gelu_tanh, NUMPY.mlp_gelu_tanh = composed_mlp_gelu_tanh(NUMBA), composed_mlp_gelu_tanh(NUMPY)
 BACKENDS = {"numba": NUMBA, "numpy": NUMPY}
 
 # dtype="bfloat16" on the CPU: the same op sets with the bfloat16 GEMM (kernels/gemm_bf16.py: weights packed as
@@ -75,7 +87,7 @@ def _cuda(dtype):
     if not devices:
         raise InputError(f"device='cuda': CuPy is installed but finds no NVIDIA GPU{why}; use device='cpu'")
 
-    return SimpleNamespace(
+    made = SimpleNamespace(
         xp=cp, dtype=dtype, tokens_per_group=None, to_device=lambda a: cp.asarray(a, dtype=dtype),
         to_host=lambda a: cp.asnumpy(a).astype(np.float32, copy=False),
         pack_weight=lambda w: cp.asarray(w, dtype=dtype),
@@ -83,6 +95,8 @@ def _cuda(dtype):
         matmul=lambda x, w, out=None: cp.matmul(x, w, out=out),   # cuBLAS writes into out: no copy
         **vars(cuda.ops),
     )
+    made.mlp_gelu_tanh = composed_mlp_gelu_tanh(made)
+    return made
 
 
 DEVICES = {"cuda": _cuda}   # device name -> factory(dtype) of its op set

@@ -221,8 +221,7 @@ class Mlp:
         self.fc2 = Linear(ops, t[prefix + "fc2.weight"], t[prefix + "fc2.bias"])
 
     def __call__(self, ops, xn):
-        hidden = ops.bias_gelu_tanh(self.fc1.matmul(xn), self.fc1.bias)
-        return self.fc2.matmul(hidden), self.fc2.bias
+        return ops.mlp_gelu_tanh(xn, self.fc1.weight, self.fc1.bias, self.fc2.weight), self.fc2.bias
 
     def to(self, mover):
         mover.parts(self.fc1, self.fc2)
