@@ -35,7 +35,8 @@ PASSES = 25
 
 # qnalo op -> category; OpenVINO layer type -> category (anything unlisted: "layout and other")
 QNALO_CATEGORY = {
-    "matmul": "GEMM (linear layers)", "mlp_gelu_tanh": "GEMM (linear layers)",   # (the fused one: with its GELU)
+    # the fused bfloat16 feed-forward blocks: their GEMMs with the GELU (and LITv2's depthwise conv) between
+    "matmul": "GEMM (linear layers)", "mlp_gelu_tanh": "GEMM (linear layers)", "conv_ffn": "GEMM (linear layers)",
     "layernorm": "LayerNorm, residual add", "residual_add": "LayerNorm, residual add",
     "residual_add_layernorm": "LayerNorm, residual add",
     "bias_gelu": "bias + GELU", "bias_gelu_tanh": "bias + GELU",

@@ -8,6 +8,7 @@ import numpy as np
 from ._jit import ahead_kernel, array
 from .threads import split_rows
 from .gelu import gelu32, gelu_ref
+from .gemm_bf16 import row_pairs
 from .simd import vadd, vfma, vload, vstore, wadd, wfma, wload, wstore
 
 
@@ -23,18 +24,24 @@ def dwconv3x3_gelu_ref(h, pre_bias, weight, bias):
     return gelu_ref(acc).astype(h.dtype)
 
 
-def dwconv3x3_gelu(h, pre_bias, weight, bias):
+NO_PAIRS = np.zeros((0, 16), np.float32)
+
+
+def dwconv3x3_gelu(h, pre_bias, weight, bias, pairs=NO_PAIRS):
+    """The kernel of dwconv3x3_gelu_ref; with `pairs` (B*H*W rows or more, K2) its output is instead rounded
+    into them as bfloat16 pairs (gemm_bf16.row_pairs: the x pairs of the bfloat16 GEMM that takes it), and
+    pairs is returned."""
     # the vector loads index these flat
     h, pre_bias, weight, bias = (np.ascontiguousarray(a) for a in (h, pre_bias, weight, bias))
-    out = np.empty_like(h)
+    out = np.empty((0, 0, 0, 0), np.float32) if pairs.size else np.empty_like(h)
     b, height, width, c = h.shape
-    split_rows(_dwconv3x3_gelu_rows, b * height, 30 * width * c, h, pre_bias, weight, bias, out)
-    return out
+    split_rows(_dwconv3x3_gelu_rows, b * height, 30 * width * c, h, pre_bias, weight, bias, out, pairs)
+    return pairs if pairs.size else out
 
 
-@ahead_kernel(array(4), array(1, readonly=True), array(3, readonly=True), array(1, readonly=True), array(4), nb.int64,
-              nb.int64)
-def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
+@ahead_kernel(array(4), array(1, readonly=True), array(3, readonly=True), array(1, readonly=True), array(4),
+              array(2), nb.int64, nb.int64)
+def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, pairs, start, stop):
     """Rows [start, stop) of the B*H output rows. Per pixel, channels in blocks of 64: four 16-lane sums stay in
     registers over the pixel's in-image taps (separate chains, so the FMA latency overlaps: one chain per 8
     channels, or the sums in memory, ran at 4.5 cycles a channel), then 8-channel vectors, then single
@@ -50,6 +57,9 @@ def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
         for t in range(9):
             tap_sum += w_flat[t * c + j]
         interior_bias[j] = bias[j] + tap_sum * pre_bias[j]
+    pairs_flat, k2 = pairs.reshape(-1), pairs.shape[1]
+    tail = np.zeros(32, np.float32)
+    tail_pairs = np.empty(16, np.float32)
     taps = np.empty(9, np.int64)        # flat offset of each in-image tap's source pixel ...
     tap_weights = np.empty(9, np.int64)  # ... and of its weights
     for row in range(start, stop):
@@ -105,9 +115,14 @@ def _dwconv3x3_gelu_rows(h, pre_bias, weight, bias, out, start, stop):
                 for t in range(valid):
                     total += w_flat[tap_weights[t] + jj] * (h_flat[taps[t] + jj] + pre_bias[jj])
                 sums[jj] = total
-            dst = out[n, y, x]
-            for jj in range(c):
-                dst[jj] = gelu32(sums[jj])
+            if pairs.size:
+                for jj in range(c):
+                    sums[jj] = gelu32(sums[jj])
+                row_pairs(sums, pairs_flat, ((n * height + y) * width + x) * k2, k2, tail, tail_pairs)
+            else:
+                dst = out[n, y, x]
+                for jj in range(c):
+                    dst[jj] = gelu32(sums[jj])
 
 
 # op name -> (NumPy reference, Numba kernel), for qnalo.models.ops

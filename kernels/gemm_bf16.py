@@ -27,8 +27,8 @@ import numpy as np
 
 from . import amx, threads
 from ._jit import inline_kernel, kernel
-from .gelu_tanh import bias_gelu_tanh, bias_gelu_tanh_ref, wgelu_tanh
-from .gemm import MR, NR, _copy_edge, _wide_store, aligned_empty, check_input, checked_output, output_array
+from .gelu_tanh import wgelu_tanh
+from .gemm import MR, NR, _copy_edge, _wide_store, aligned_empty, checked_output
 from .simd import HAS_AVX512_BF16, WIDE_LANES, wadd, wbf16_pairs, wbroadcast, wdpbf16, wload, wstore, wzero
 from .threads import split_rows
 
@@ -92,32 +92,39 @@ class PackedWeightBF16:
         return (both.astype(np.uint32) << np.uint32(16)).view(np.float32)[:k, :n]
 
 
+@inline_kernel()
+def row_pairs(src, flat, row, k2, tail, tail_pairs):
+    """flat[row:row + k2] <- the floats of the row src (contiguous) as rounded bfloat16 pairs (a pair is two
+    consecutive bfloat16, so a row's pairs are its bfloat16 values in order): 32 at a time by vcvtne2ps2bf16,
+    the last ones through a zero-padded vector (tail: 32 floats, zero past what this writes; tail_pairs: 16),
+    the pairs past the row's zero."""
+    k = src.shape[0]
+    whole = k - k % (2 * WIDE_LANES)
+    used = -(-k // 2)                                # pairs holding src's values
+    for c in range(0, whole, 2 * WIDE_LANES):
+        wstore(flat, row + c // 2, wbf16_pairs(wload(src, c), wload(src, c + WIDE_LANES)))
+    if whole < k:
+        for kx in range(whole, k):
+            tail[kx - whole] = src[kx]
+        wstore(tail_pairs, 0, wbf16_pairs(wload(tail, 0), wload(tail, WIDE_LANES)))
+        flat[row + whole // 2:row + used] = tail_pairs[:used - whole // 2]
+    flat[row + used:row + k2] = 0.0
+
+
 @kernel()
 def _x_pairs(x, start, stop, out):
-    """Rows start..stop of out (M', K2) <- x's rows as rounded bfloat16 pairs (a pair is two consecutive
-    bfloat16, so a row's pairs are its bfloat16 values in order): 32 at a time by vcvtne2ps2bf16, the last
-    ones through a zero-padded vector; rows past x's and the pairs past K are zero."""
-    m, k = x.shape
+    """Rows start..stop of out (M', K2) <- x's rows as rounded bfloat16 pairs (row_pairs); rows past x's are
+    zero."""
+    m = x.shape[0]
     k2 = out.shape[1]
     flat = out.reshape(-1)
-    ldx = x.strides[0] // 4
-    whole = k - k % (2 * WIDE_LANES)
-    used = -(-k // 2)                                # pairs holding x's values
     tail = np.zeros(2 * WIDE_LANES, np.float32)      # the columns past the last 32, zero-padded
     tail_pairs = np.empty(WIDE_LANES, np.float32)
     for i in range(start, stop):
         if i >= m:
             flat[i * k2:(i + 1) * k2] = 0.0
-            continue
-        row = i * k2
-        for c in range(0, whole, 2 * WIDE_LANES):
-            wstore(flat, row + c // 2, wbf16_pairs(wload(x, i * ldx + c), wload(x, i * ldx + c + WIDE_LANES)))
-        if whole < k:
-            for kx in range(whole, k):
-                tail[kx - whole] = x[i, kx]
-            wstore(tail_pairs, 0, wbf16_pairs(wload(tail, 0), wload(tail, WIDE_LANES)))
-            flat[row + whole // 2:row + used] = tail_pairs[:used - whole // 2]
-        flat[row + used:row + k2] = 0.0
+        else:
+            row_pairs(x[i], flat, i * k2, k2, tail, tail_pairs)
 
 
 @kernel()
@@ -250,7 +257,7 @@ _scratch = threading.local()
 NO_BIAS, NO_PAIRS = np.zeros(0, np.float32), np.zeros((0, K_STEP), np.float32)   # gemm_amx_blocks writes y
 
 
-def _pairs_buffers(count, rows, k2, use="x"):
+def pairs_buffers(count, rows, k2, use="x"):
     """count (rows, k2) buffers for pairs, kept by the calling thread between calls for each use (grown when too
     small): a fresh one per call cost its page faults every call, ~15% of a batch-1 GEMM."""
     size = count * rows * k2
@@ -266,7 +273,23 @@ def _split_by_rows(blocks, p):
     return blocks >= 2 * threads.NUM_THREADS or p < 2 * threads.NUM_THREADS
 
 
-def _amx_gemm(x, panels, out, bias=NO_BIAS, hp=NO_PAIRS):
+def amx_gemm_pairs(hp, m, panels, out):
+    """out (m, N) = the rounded pairs hp (rows past m ignored) @ the panels on AMX, the threads split as in
+    matmul_bf16 (by rows, each reading the rows its thread wrote when the producer split them alike)."""
+    p, k2 = panels.shape[0], panels.shape[1]
+    blocks = -(-m // AMX_BLOCK)
+    if _split_by_rows(blocks, p):
+        split_rows(lambda start, stop: gemm_amx_blocks(TILE_CONFIG, hp, panels, out, m, start * AMX_BLOCK,
+                                                       stop * AMX_BLOCK, 0, p, NO_BIAS, NO_PAIRS),
+                   blocks, AMX_BLOCK * k2 * 2 * p * NR)
+    else:
+        split_rows(lambda start, stop: gemm_amx_blocks(TILE_CONFIG, hp, panels, out, m, 0, blocks * AMX_BLOCK,
+                                                       2 * start, 2 * stop, NO_BIAS, NO_PAIRS),
+                   p // 2, m * k2 * 4 * NR)
+    return out
+
+
+def amx_gemm(x, panels, out, bias=NO_BIAS, hp=NO_PAIRS):
     """out (or hp's pairs) = bf16(x) @ the panels on AMX, split across the threads (see matmul_bf16)."""
     m, k = x.shape
     p, k2 = panels.shape[0], panels.shape[1]
@@ -274,13 +297,13 @@ def _amx_gemm(x, panels, out, bias=NO_BIAS, hp=NO_PAIRS):
     rows = blocks * AMX_BLOCK + MR
     work = AMX_BLOCK * k * p * NR
     if _split_by_rows(blocks, p):
-        xp = _pairs_buffers(1, rows, k2)[0]
+        xp = pairs_buffers(1, rows, k2)[0]
         split_rows(lambda start, stop: _amx_share(TILE_CONFIG, x, xp, panels, out, start * AMX_BLOCK,
                                                   stop * AMX_BLOCK, 0, p, bias, hp), blocks, work)
         return
     pairs = p // 2
     bounds = threads.share_bounds(pairs, m * k * 2 * NR)
-    own = _pairs_buffers(len(bounds) - 1, rows, k2)
+    own = pairs_buffers(len(bounds) - 1, rows, k2)
     split_rows(lambda start, stop: _amx_share(TILE_CONFIG, x, own[bounds.index(start)], panels, out, 0,
                                               blocks * AMX_BLOCK, 2 * start, 2 * stop, bias, hp), pairs,
                m * k * 2 * NR)
@@ -304,58 +327,21 @@ def matmul_bf16(x, weight: PackedWeightBF16, out=None):
     panels = weight.panels
     p, k2 = panels.shape[0], panels.shape[1]
     if amx.HAS_AMX_BF16:
-        _amx_gemm(x, panels, out)
+        amx_gemm(x, panels, out)
         return out
     tiles = -(-m // MR)
     rows = -(-m // AMX_BLOCK) * AMX_BLOCK + MR      # the pairs the tiles read: past x's rows they are zero
     if m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS:
-        xp = _pairs_buffers(1, rows, k2)[0]
+        xp = pairs_buffers(1, rows, k2)[0]
         split_rows(lambda start, stop: _tiles_share(x, xp, panels, out, start * MR, min(stop * MR, rows), 0, p),
                    tiles, MR * k * n)
         return out
     pairs = -(-p // 2)
     bounds = threads.share_bounds(pairs, m * k * 2 * NR)
-    own = _pairs_buffers(len(bounds) - 1, rows, k2)
+    own = pairs_buffers(len(bounds) - 1, rows, k2)
     split_rows(lambda start, stop: _tiles_share(x, own[bounds.index(start)], panels, out, 0, tiles * MR, 2 * start,
                                                 min(2 * stop, p)), pairs, m * k * 2 * NR)
     return out
-
-
-def mlp_gelu_tanh_bf16(x, fc1: PackedWeightBF16, bias1, fc2: PackedWeightBF16, out=None):
-    """fc2(gelu_tanh(fc1(x) + bias1)) (M, N2) float32, fc2's bias left out: QnA-ViT's MLP, each GEMM's input
-    rounded to bfloat16 as matmul_bf16 rounds it. On AMX the hidden layer is never stored in float32: each
-    32x32 block of fc1's products gets its bias and GELU while in L1 and is rounded straight into the pairs
-    fc2 reads (the hidden's float32 write, the GELU's pass over it and fc2's rounding pass are gone).
-    Elsewhere the three ops run one after the other, computing the same numbers."""
-    if fc1.shape[1] != fc2.shape[0]:
-        raise ValueError(f"mlp_gelu_tanh_bf16: fc1 gives {fc1.shape[1]} features but fc2 takes {fc2.shape[0]}")
-    if not amx.HAS_AMX_BF16 or x.shape[0] == 0 or x.shape[1] == 0:
-        return matmul_bf16(bias_gelu_tanh(matmul_bf16(x, fc1), bias1), fc2, out)
-    check_input("mlp_gelu_tanh_bf16", x, fc1.shape)
-    m = x.shape[0]
-    out = output_array("mlp_gelu_tanh_bf16", m, fc2.shape[1], out)
-    panels1, panels2 = fc1.panels, fc2.panels
-    bias = np.zeros(panels1.shape[0] * NR, np.float32)
-    bias[:fc1.shape[1]] = bias1
-    hp = _pairs_buffers(1, -(-m // AMX_BLOCK) * AMX_BLOCK + MR, panels2.shape[1], use="hidden")[0]
-    _amx_gemm(x, panels1, out, bias, hp)
-    # fc2 from the rounded pairs: the threads split as in matmul_bf16, the hidden read where it was written
-    p = panels2.shape[0]
-    blocks = -(-m // AMX_BLOCK)
-    if _split_by_rows(blocks, p):
-        split_rows(lambda start, stop: gemm_amx_blocks(TILE_CONFIG, hp, panels2, out, m, start * AMX_BLOCK,
-                                                       stop * AMX_BLOCK, 0, p, NO_BIAS, NO_PAIRS),
-                   blocks, AMX_BLOCK * panels2.shape[1] * 2 * p * NR)
-    else:
-        split_rows(lambda start, stop: gemm_amx_blocks(TILE_CONFIG, hp, panels2, out, m, 0, blocks * AMX_BLOCK,
-                                                       2 * start, 2 * stop, NO_BIAS, NO_PAIRS),
-                   p // 2, m * panels2.shape[1] * 4 * NR)
-    return out
-
-
-def mlp_gelu_tanh_bf16_ref(x, w1, bias1, w2, out=None):
-    """The reference of mlp_gelu_tanh_bf16: the reference GEMM (inputs rounded), the float64 GELU, the GEMM."""
-    return matmul_bf16_ref(bias_gelu_tanh_ref(matmul_bf16_ref(x, w1), bias1), w2, out)
 
 
 def _unpacked(w):
@@ -364,5 +350,4 @@ def _unpacked(w):
 
 # op name -> (NumPy reference, Numba kernel) of the bfloat16 op set (qnalo.models.ops: dtype="bfloat16" on the
 # CPU replaces the float32 GEMM's ops by these; every other op stays float32).
-OPS = {"matmul": (matmul_bf16_ref, matmul_bf16), "pack_weight": (_unpacked, PackedWeightBF16),
-       "mlp_gelu_tanh": (mlp_gelu_tanh_bf16_ref, mlp_gelu_tanh_bf16)}
+OPS = {"matmul": (matmul_bf16_ref, matmul_bf16), "pack_weight": (_unpacked, PackedWeightBF16)}

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import qnalo
 from qnalo.errors import InputError
-from qnalo.kernels import amx, gelu_tanh, gemm_bf16 as k, simd, threads
-from tolerances import assert_close, assert_parity, tolerance
+from qnalo.kernels import amx, gemm_bf16 as k, simd, threads
+from tolerances import assert_close, tolerance
 
 NEEDS_BF16 = pytest.mark.skipif(not simd.HAS_AVX512_BF16, reason="this CPU has no AVX512_BF16 (vdpbf16ps)")
 # the GEMM's two kernels: AMX tiles where the CPU has them, else (and forced, on an AMX CPU) vdpbf16ps
@@ -98,49 +98,6 @@ def test_matmul_bf16_split_equals_one_thread(with_amx, monkeypatch, n_threads):
     monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
     for (x, w), one, shape in zip(operands, single, shapes):
         np.testing.assert_array_equal(k.matmul_bf16(x, w), one, err_msg=str(shape))
-
-
-def _mlp_operands(seed, m, c, hidden, n):
-    x, w1 = _operands(seed, m, c, hidden)
-    _, w2 = _operands(seed + 1, 1, hidden, n)
-    bias1 = np.random.default_rng(seed + 2).standard_normal(hidden).astype(np.float32)
-    return x, w1, bias1, w2
-
-
-@NEEDS_BF16
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                               HealthCheck.data_too_large], deadline=None)
-@given(seed=st.integers(0, 2**31), m=st.integers(1, 130), c=st.integers(1, 70), hidden=st.integers(1, 200),
-       n=st.integers(1, 70))
-@example(seed=0, m=196, c=128, hidden=512, n=128)      # QnA-ViT-Tiny stage 2 at batch 4: rows split
-@example(seed=1, m=49, c=512, hidden=2048, n=512)      # stage 3 at batch 1: panels split
-@example(seed=2, m=1, c=1, hidden=1, n=1)
-def test_fused_mlp_equals_its_three_ops(with_amx, seed, m, c, hidden, n):
-    """The fused MLP computes, bit for bit, the bfloat16 GEMM, the float32 tanh-GELU kernel and the GEMM run one
-    after the other; and it is within the bfloat16 rounding flips of the NumPy reference."""
-    x, w1, bias1, w2 = _mlp_operands(seed, m, c, hidden, n)
-    fc1, fc2 = k.PackedWeightBF16(w1), k.PackedWeightBF16(w2)
-    fused = k.mlp_gelu_tanh_bf16(x, fc1, bias1, fc2)
-    np.testing.assert_array_equal(fused, k.matmul_bf16(gelu_tanh.bias_gelu_tanh(k.matmul_bf16(x, fc1), bias1), fc2))
-    assert_parity(fused, k.mlp_gelu_tanh_bf16_ref(x, w1, bias1, w2), "mlp-reference", "bfloat16")
-
-
-@NEEDS_BF16
-@pytest.mark.parametrize("n_threads", [2, 3])
-def test_fused_mlp_split_equals_one_thread(with_amx, monkeypatch, n_threads):
-    cases = [_mlp_operands(i, *shape) for i, shape in enumerate([(300, 64, 256, 64), (40, 96, 384, 96)])]
-    packed = [(x, k.PackedWeightBF16(w1), b1, k.PackedWeightBF16(w2)) for x, w1, b1, w2 in cases]
-    single = [k.mlp_gelu_tanh_bf16(*args) for args in packed]
-    monkeypatch.setattr(threads, "NUM_THREADS", n_threads)
-    monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
-    for args, one in zip(packed, single):
-        np.testing.assert_array_equal(k.mlp_gelu_tanh_bf16(*args), one)
-
-
-def test_fused_mlp_refuses_mismatched_layers():
-    fc1, fc2 = k.PackedWeightBF16(np.ones((4, 8), np.float32)), k.PackedWeightBF16(np.ones((6, 3), np.float32))
-    with pytest.raises(ValueError, match="fc1 gives 8 features but fc2 takes 6"):
-        k.mlp_gelu_tanh_bf16(np.ones((2, 4), np.float32), fc1, np.zeros(8, np.float32), fc2)
 
 
 @NEEDS_BF16

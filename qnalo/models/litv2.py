@@ -182,9 +182,8 @@ class ConvFFN:
         self.fc2 = Linear(ops, t[prefix + "fc2.weight"], t[prefix + "fc2.bias"])
 
     def __call__(self, ops, xn, b, h, w):
-        hidden = self.fc1.matmul(xn).reshape(b, h, w, -1)
-        act = ops.dwconv3x3_gelu(hidden, self.fc1.bias, self.dw_weight, self.dw_bias)
-        return self.fc2.matmul(act.reshape(b * h * w, -1)), self.fc2.bias
+        return ops.conv_ffn(xn, b, h, w, self.fc1.weight, self.fc1.bias, self.dw_weight, self.dw_bias,
+                            self.fc2.weight), self.fc2.bias
 
     def to(self, mover):
         mover.parts(self.fc1, self.fc2)

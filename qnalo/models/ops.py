@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from qnalo.errors import InputError
-from qnalo.kernels import (deform_conv, dwconv_gelu, gelu, gelu_tanh, gemm, gemm_bf16, hilo, layernorm, qna,
-                           simd, window_msa)
+from qnalo.kernels import (deform_conv, dwconv_gelu, ffn_bf16, gelu, gelu_tanh, gemm, gemm_bf16, hilo, layernorm,
+                           qna, simd, window_msa)
 
 # Each kernel module declares its ops: name -> (NumPy reference, Numba kernel), one signature for both.
 KERNEL_MODULES = (gemm, layernorm, gelu, gelu_tanh, dwconv_gelu, deform_conv, hilo, qna, window_msa)
@@ -36,23 +36,33 @@ NUMPY = SimpleNamespace(xp=np, dtype=np.float32, to_device=np.asarray, to_host=n
 
 
 
-def composed_mlp_gelu_tanh(ops):
-    """QnA-ViT's MLP without fc2's bias, fc2(gelu_tanh(fc1(x) + bias1)), from the op set's own GEMM and GELU
-    (looked up per call); the bfloat16 CPU op set fuses it instead (gemm_bf16.mlp_gelu_tanh_bf16)."""
+def add_composed_ffns(ops):
+    """The two models' feed-forward blocks, fc2's bias left out, from the op set's own GEMM, GELU and depthwise
+    conv (looked up per call): QnA-ViT's mlp_gelu_tanh(x, fc1, bias1, fc2) and LITv2's conv_ffn(x, b, h, w,
+    fc1, bias1, dw_weight, dw_bias, fc2). The bfloat16 CPU op set fuses them instead (kernels/ffn_bf16.py)."""
     def mlp_gelu_tanh(x, fc1, bias1, fc2, out=None):
         return ops.matmul(ops.bias_gelu_tanh(ops.matmul(x, fc1), bias1), fc2, out)
-    mlp_gelu_tanh.composed = True    # profilers time its parts instead
-    return mlp_gelu_tanh
+
+    def conv_ffn(x, b, h, w, fc1, bias1, dw_weight, dw_bias, fc2, out=None):
+        hidden = ops.matmul(x, fc1).reshape(b, h, w, -1)
+        return ops.matmul(ops.dwconv3x3_gelu(hidden, bias1, dw_weight, dw_bias).reshape(x.shape[0], -1), fc2, out)
+
+    for fn in (mlp_gelu_tanh, conv_ffn):
+        fn.composed = True    # profilers time its parts instead
+        setattr(ops, fn.__name__, fn)
+    return ops
 
 
-NUMBA.mlp_gelu_tanh, NUMPY.mlp_gelu_tanh = composed_mlp_gelu_tanh(NUMBA), composed_mlp_gelu_tanh(NUMPY)
+add_composed_ffns(NUMBA)
+add_composed_ffns(NUMPY)
 BACKENDS = {"numba": NUMBA, "numpy": NUMPY}
 
 # dtype="bfloat16" on the CPU: the same op sets with the bfloat16 GEMM (kernels/gemm_bf16.py: weights packed as
 # bfloat16 once, GEMM inputs rounded to bfloat16, float32 accumulation); every other op stays float32.
+BF16_OPS = {**gemm_bf16.OPS, **ffn_bf16.OPS}
 BF16_BACKENDS = {
-    "numba": SimpleNamespace(**{**vars(NUMBA), **{op: kernel for op, (_, kernel) in gemm_bf16.OPS.items()}}),
-    "numpy": SimpleNamespace(**{**vars(NUMPY), **{op: reference for op, (reference, _) in gemm_bf16.OPS.items()}}),
+    "numba": SimpleNamespace(**{**vars(NUMBA), **{op: kernel for op, (_, kernel) in BF16_OPS.items()}}),
+    "numpy": SimpleNamespace(**{**vars(NUMPY), **{op: reference for op, (reference, _) in BF16_OPS.items()}}),
 }
 
 
@@ -95,8 +105,7 @@ def _cuda(dtype):
         matmul=lambda x, w, out=None: cp.matmul(x, w, out=out),   # cuBLAS writes into out: no copy
         **vars(cuda.ops),
     )
-    made.mlp_gelu_tanh = composed_mlp_gelu_tanh(made)
-    return made
+    return add_composed_ffns(made)
 
 
 DEVICES = {"cuda": _cuda}   # device name -> factory(dtype) of its op set
