@@ -257,10 +257,16 @@ _scratch = threading.local()
 NO_BIAS, NO_PAIRS = np.zeros(0, np.float32), np.zeros((0, K_STEP), np.float32)   # gemm_amx_blocks writes y
 
 
+KEEP_AT_MOST = 8 << 20   # floats (32 MiB) of pairs a thread keeps per use; a larger buffer is made per call
+
+
 def pairs_buffers(count, rows, k2, use="x"):
     """count (rows, k2) buffers for pairs, kept by the calling thread between calls for each use (grown when too
-    small): a fresh one per call cost its page faults every call, ~15% of a batch-1 GEMM."""
+    small, up to KEEP_AT_MOST, so that one large batch does not hold its memory for the process's life): a fresh
+    one per call cost its page faults every call, ~15% of a batch-1 GEMM."""
     size = count * rows * k2
+    if size > KEEP_AT_MOST:
+        return aligned_empty((count, rows, k2))
     flat = getattr(_scratch, use, None)
     if flat is None or flat.size < size:
         flat = aligned_empty((size,))

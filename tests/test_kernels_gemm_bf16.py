@@ -1,6 +1,7 @@
 """The bfloat16 GEMM (kernels/gemm_bf16.py): the rounding against PyTorch's bfloat16 conversion, the kernel
 against the NumPy reference (same rounding, float32 accumulation only), and whole models in bfloat16 against
 float32 (the issue's bound on the relative logit error)."""
+import threading
 import warnings
 
 import numpy as np
@@ -98,6 +99,19 @@ def test_matmul_bf16_split_equals_one_thread(with_amx, monkeypatch, n_threads):
     monkeypatch.setattr(threads, "MIN_WORK_PER_THREAD", 1)
     for (x, w), one, shape in zip(operands, single, shapes):
         np.testing.assert_array_equal(k.matmul_bf16(x, w), one, err_msg=str(shape))
+
+
+def test_pairs_buffers_are_kept_per_thread_up_to_a_bound(monkeypatch):
+    first = k.pairs_buffers(2, 40, 16)
+    assert first.shape == (2, 40, 16) and np.shares_memory(first, k.pairs_buffers(1, 30, 16))
+    assert not np.shares_memory(first, k.pairs_buffers(1, 30, 16, use="hidden"))
+    monkeypatch.setattr(k, "KEEP_AT_MOST", 100)
+    assert not np.shares_memory(k.pairs_buffers(1, 10, 16), k.pairs_buffers(1, 10, 16))   # too big to keep
+    other = {}
+    worker = threading.Thread(target=lambda: other.setdefault("buf", k.pairs_buffers(1, 4, 16)))
+    worker.start()
+    worker.join()
+    assert not np.shares_memory(other["buf"], k.pairs_buffers(1, 4, 16))
 
 
 @NEEDS_BF16
