@@ -8,7 +8,7 @@ import numpy as np
 from ._jit import ahead_kernel, array
 from .threads import split_rows
 from .gelu import gelu32, gelu_ref
-from .gemm_bf16 import row_pairs
+from .gemm_bf16 import NO_PAIRS, row_pairs
 from .simd import vadd, vfma, vload, vstore, wadd, wfma, wload, wstore
 
 
@@ -22,9 +22,6 @@ def dwconv3x3_gelu_ref(h, pre_bias, weight, bias):
         for dx in range(3):
             acc += padded[:, dy:dy + height, dx:dx + width] * weight[dy, dx].astype(np.float64)
     return gelu_ref(acc).astype(h.dtype)
-
-
-NO_PAIRS = np.zeros((0, 16), np.float32)
 
 
 def dwconv3x3_gelu(h, pre_bias, weight, bias, pairs=NO_PAIRS):

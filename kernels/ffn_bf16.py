@@ -17,8 +17,8 @@ from . import amx
 from .dwconv_gelu import dwconv3x3_gelu, dwconv3x3_gelu_ref
 from .gelu_tanh import bias_gelu_tanh, bias_gelu_tanh_ref
 from .gemm import NR, check_input, output_array
-from .gemm_bf16 import (AMX_BLOCK, MR, PackedWeightBF16, amx_gemm, amx_gemm_pairs, matmul_bf16, matmul_bf16_ref,
-                        pairs_buffers)
+from .gemm_bf16 import (PackedWeightBF16, amx_gemm, amx_gemm_pairs, matmul_bf16, matmul_bf16_ref, pairs_buffers,
+                        pairs_rows)
 
 
 def _check_layers(name, fc1, fc2):
@@ -27,9 +27,8 @@ def _check_layers(name, fc1, fc2):
 
 
 def _hidden_pairs(m, fc2):
-    """The calling thread's buffer for fc2's input pairs: m rows rounded up to AMX blocks (+ the 6-row tile's
-    reach), fc2's padded K / 2 wide."""
-    return pairs_buffers(1, -(-m // AMX_BLOCK) * AMX_BLOCK + MR, fc2.panels.shape[1], use="hidden")[0]
+    """The calling thread's buffer for fc2's input pairs: pairs_rows(m) rows, fc2's padded K / 2 wide."""
+    return pairs_buffers(1, pairs_rows(m), fc2.panels.shape[1], use="hidden")[0]
 
 
 def mlp_gelu_tanh_bf16(x, fc1: PackedWeightBF16, bias1, fc2: PackedWeightBF16, out=None):

@@ -274,6 +274,12 @@ def pairs_buffers(count, rows, k2, use="x"):
     return flat[:size].reshape(count, rows, k2)
 
 
+def pairs_rows(m):
+    """The rows of an x-pairs buffer for m rows of x: whole AMX blocks, and the 6-row tile's reach past them
+    (the rows past x's are zero or ignored)."""
+    return -(-m // AMX_BLOCK) * AMX_BLOCK + MR
+
+
 def _split_by_rows(blocks, p):
     """With enough 32-row blocks for every thread an AMX GEMM's threads split the rows, else the panel pairs."""
     return blocks >= 2 * threads.NUM_THREADS or p < 2 * threads.NUM_THREADS
@@ -300,7 +306,7 @@ def amx_gemm(x, panels, out, bias=NO_BIAS, hp=NO_PAIRS):
     m, k = x.shape
     p, k2 = panels.shape[0], panels.shape[1]
     blocks = -(-m // AMX_BLOCK)
-    rows = blocks * AMX_BLOCK + MR
+    rows = pairs_rows(m)
     work = AMX_BLOCK * k * p * NR
     if _split_by_rows(blocks, p):
         xp = pairs_buffers(1, rows, k2)[0]
@@ -336,7 +342,7 @@ def matmul_bf16(x, weight: PackedWeightBF16, out=None):
         amx_gemm(x, panels, out)
         return out
     tiles = -(-m // MR)
-    rows = -(-m // AMX_BLOCK) * AMX_BLOCK + MR      # the pairs the tiles read: past x's rows they are zero
+    rows = pairs_rows(m)
     if m >= SPLIT_ROWS_FROM or p < 4 * threads.NUM_THREADS:
         xp = pairs_buffers(1, rows, k2)[0]
         split_rows(lambda start, stop: _tiles_share(x, xp, panels, out, start * MR, min(stop * MR, rows), 0, p),

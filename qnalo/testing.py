@@ -60,9 +60,9 @@ TOLERANCES = {
     # ulp apart can round to the neighbouring bfloat16 (2^-8 apart), so the two drift by more than the float32
     # summation order; the demo models measured 4.6e-4 (litv2_digits) on 24 held-out digits
     ("logits-reference", "bfloat16"): (5e-3, 0.0),
-    # the fused bfloat16 MLP (gemm_bf16.mlp_gelu_tanh_bf16) vs its NumPy reference, max|d| / max(1, max|ref|): its
-    # float32 GELU and the reference's float64 one round a hidden value to neighbouring bfloat16 now and then;
-    # measured 5.2e-4 (3000 x 64 -> 256 -> 64), 8.2e-6 (49 x 512 -> 2048 -> 512)
+    # the fused bfloat16 feed-forward blocks (kernels/ffn_bf16.py) vs their NumPy references, max|d| / max(1,
+    # max|ref|): their float32 GELU and the reference's float64 one round a hidden value to neighbouring bfloat16
+    # now and then; measured 5.2e-4 (3000 x 64 -> 256 -> 64), 8.2e-6 (49 x 512 -> 2048 -> 512)
     ("mlp-reference", "bfloat16"): (5e-3, 0.0),
     # (QnA-ViT at 224, randomize_() reference weights, numba: max |dlogit| / max(1, max|logit|) 4.2e-7 tiny,
     # 3.8e-7 tiny_7x7, 4.4e-7 small, 4.9e-7 base; numpy backend, tiny 209x437 batch 2: 4.3e-7)

@@ -35,7 +35,6 @@ NUMPY = SimpleNamespace(xp=np, dtype=np.float32, to_device=np.asarray, to_host=n
                         **_declared(0))
 
 
-
 def add_composed_ffns(ops):
     """The two models' feed-forward blocks, fc2's bias left out, from the op set's own GEMM, GELU and depthwise
     conv (looked up per call): QnA-ViT's mlp_gelu_tanh(x, fc1, bias1, fc2) and LITv2's conv_ffn(x, b, h, w,
